@@ -1,0 +1,54 @@
+"""Shared CLI pieces: options, the console, and the wrapper that turns user errors into one line + exit 1."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from stadapter.errors import StadapterError
+
+console = Console()
+err_console = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+BackboneOpt = Annotated[str, typer.Option(
+    "--backbone", "-b", envvar="STADAPTER_BACKBONE",
+    help="Backbone spec: open_clip:MODEL, timm:MODEL (with ?key=value options), or an alias: tiny, small.")]
+WeightsOpt = Annotated[str | None, typer.Option(
+    "--weights", "-w",
+    help="Backbone weights: 'none' (seeded random init), a local .safetensors/.bin/.pt file, or a pretrained "
+         "tag (open_clip default 'openai', timm 'pretrained'; these download).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")]
+
+DEFAULT_BACKBONE = "open_clip:ViT-B-16"
+
+
+def fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def user_errors(fn: F) -> F:
+    """Print StadapterError (and a clean interrupt) as one line and exit 1; bugs keep their traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except StadapterError as e:
+            fail(str(e))
+        except KeyboardInterrupt:
+            err_console.print("interrupted")
+            raise typer.Exit(130) from None
+        except OSError as e:
+            if os.environ.get("STADAPTER_DEBUG"):
+                raise
+            fail(f"{e.strerror or e}: {e.filename}" if e.filename else str(e))
+
+    return wrapper  # type: ignore[return-value]

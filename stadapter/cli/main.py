@@ -1,0 +1,31 @@
+"""The `stadapter` command. Each command group lives in its own module; bodies call library code."""
+
+from __future__ import annotations
+
+import typer
+
+from stadapter import __version__
+from stadapter.cli import model
+
+app = typer.Typer(
+    name="stadapter",
+    help="One frozen ViT backbone, many video tasks: train ST-Adapters, version them, move them through the "
+         "Hugging Face Hub, and serve them side by side.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+
+app.command("model-info")(model.model_info)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"stadapter {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Print the version and exit.")) -> None:
+    """stadapter command line."""

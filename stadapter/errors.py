@@ -1,0 +1,25 @@
+"""Errors a user can act on. The CLI prints them as one line and exits with code 1."""
+
+
+class StadapterError(Exception):
+    """Base class for every error caused by input, configuration or environment (not by a bug)."""
+
+
+class ConfigError(StadapterError, ValueError):
+    """An invalid configuration value, preset name or JSON config."""
+
+
+class BackboneError(StadapterError):
+    """An unknown backbone spec, unusable weights, or a fingerprint mismatch."""
+
+
+class InputError(StadapterError, ValueError):
+    """A clip or batch of the wrong shape, dtype or frame count."""
+
+
+class AdapterSetError(StadapterError):
+    """Adapter tensors whose names, shapes or dtypes do not fit the model they are bound to."""
+
+
+class BundleError(StadapterError):
+    """A bundle directory that is missing files, was tampered with, or does not fit the backbone."""

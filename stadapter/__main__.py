@@ -1,0 +1,3 @@
+from stadapter.cli.main import app
+
+app(prog_name="stadapter")

@@ -23,3 +23,11 @@ class AdapterSetError(StadapterError):
 
 class BundleError(StadapterError):
     """A bundle directory that is missing files, was tampered with, or does not fit the backbone."""
+
+
+class RegistryError(StadapterError):
+    """An unknown task, version or alias, a refused registry change, or a database at the wrong schema."""
+
+
+class DecodeError(StadapterError):
+    """A video file that is missing, empty, truncated or cannot be decoded."""

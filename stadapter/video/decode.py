@@ -88,15 +88,17 @@ def probe(path: str | Path, count_packets: bool = True) -> VideoInfo:
                          height=stream.codec_context.height, duration=duration)
 
 
-def _decode_sequential(path: Path, container, stream, wanted: list[int]) -> tuple[dict[int, np.ndarray], int]:
-    """Decode from the start up to the last wanted frame: ({index: (H, W, 3)}, frames decoded)."""
+def _decode_sequential(path: Path, container, stream, wanted: list[int]) -> tuple[dict[int, np.ndarray], int, int | None]:
+    """Decode from the start up to the last wanted frame: ({index: (H, W, 3)}, frames decoded, largest pts)."""
     target, stop = set(wanted), wanted[-1]
     out: dict[int, np.ndarray] = {}
-    n, last = 0, None
+    n, last, max_pts = 0, None, None
     try:
         for frame in container.decode(stream):
             if n in target:
                 out[n] = frame.to_ndarray(format="rgb24")
+            if frame.pts is not None:
+                max_pts = frame.pts if max_pts is None else max(max_pts, frame.pts)
             last, n = frame, n + 1
             if n > stop:
                 break
@@ -106,7 +108,21 @@ def _decode_sequential(path: Path, container, stream, wanted: list[int]) -> tupl
         raise DecodeError(f"{path}: no frame could be decoded")
     if n - 1 not in out and n <= stop:
         out[n - 1] = last.to_ndarray(format="rgb24")  # clamp target for indices past the end
-    return out, n
+    return out, n, max_pts
+
+
+def _check_not_truncated(path: Path, stream, max_pts: int | None, n: int, stop: int) -> None:
+    """The stream ended before frame ``stop``: fine near the end (counts can be one too high), but a stream
+    that stops well before the duration its header gives is truncated (threaded decoding hides the error)."""
+    if max_pts is None or not stream.duration or not stream.time_base:
+        return
+    tb = float(stream.time_base)
+    fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
+    total = stream.duration * tb
+    reached = (max_pts - (stream.start_time or 0)) * tb + 1 / fps
+    if total - reached > max(3 / fps, 0.05 * total):
+        raise DecodeError(f"{path}: the video stream ends at {reached:.2f}s of {total:.2f}s after {n} frames, "
+                          f"before frame {stop} (truncated file?)")
 
 
 def _pts_step(stream) -> int | None:
@@ -119,7 +135,7 @@ def _pts_step(stream) -> int | None:
     return int(step)
 
 
-def _decode_seeking(container, stream, wanted: list[int]) -> tuple[dict[int, np.ndarray], int] | None:
+def _decode_seeking(container, stream, wanted: list[int]) -> tuple[dict[int, np.ndarray], int, int | None] | None:
     """Seek to a keyframe before the first wanted frame and index frames by pts. None when the timestamps do
     not give exact indices (the caller then decodes sequentially)."""
     step = _pts_step(stream)
@@ -148,7 +164,7 @@ def _decode_seeking(container, stream, wanted: list[int]) -> tuple[dict[int, np.
         return None
     if prev not in out and prev < stop:
         out[prev] = last.to_ndarray(format="rgb24")
-    return out, prev + 1
+    return out, prev + 1, last.pts
 
 
 def decode_frames(path: str | Path, indices: Sequence[int], seek_threshold: int = SEEK_THRESHOLD) -> np.ndarray:
@@ -164,20 +180,21 @@ def decode_frames(path: str | Path, indices: Sequence[int], seek_threshold: int 
     if (idx < 0).any():
         raise InputError(f"frame indices must be >= 0, got {idx.min()}")
     wanted = sorted(set(idx.tolist()))
-    result = None
-    if wanted[0] > seek_threshold:
+    for seek in ([True] if wanted[0] > seek_threshold else []) + [False]:
         with _open(p) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
-            result = _decode_seeking(container, stream, wanted)
-        if result is None:
-            log.debug("%s: timestamps not exact after seeking; decoding sequentially", p)
-    if result is None:
-        with _open(p) as container:
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            result = _decode_sequential(p, container, stream, wanted)
-    frames, n = result
+            if seek:
+                result = _decode_seeking(container, stream, wanted)
+                if result is None:
+                    log.debug("%s: timestamps not exact after seeking; decoding sequentially", p)
+                    continue
+            else:
+                result = _decode_sequential(p, container, stream, wanted)
+            frames, n, max_pts = result
+            if n <= wanted[-1]:
+                _check_not_truncated(p, stream, max_pts, n, wanted[-1])
+            break
     clamped = np.minimum(idx, n - 1)
     return np.stack([frames[int(i)] for i in clamped])  # (N, H, W, 3)
 

@@ -6,6 +6,7 @@ import typer
 
 from stadapter import __version__
 from stadapter.cli import model
+from stadapter.cli import data
 
 app = typer.Typer(
     name="stadapter",
@@ -17,6 +18,7 @@ app = typer.Typer(
 )
 
 app.command("model-info")(model.model_info)
+app.add_typer(data.app, name="data")
 
 
 def _version(value: bool) -> None:

@@ -49,6 +49,14 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                  "spatial_views": 1, "train_crop": "random", "scale_range": (1.0, 1.15), "flip": True},
         "train": {"epochs": 30, "warmup_epochs": 2, "batch_size": 64},
     },
+    # Your own labels: the class count comes from the annotations; segments work for clips of any length;
+    # no flip by default, since left/right may be the label (pass --flip to allow it).
+    "custom": {
+        "adapter": {"num_classes": 1, "width": 384, "kernel": (3, 1, 1), "positions": ("attn", "mlp")},
+        "task": {"num_frames": 8, "sampling": "segments", "temporal_views": 1, "spatial_views": 1,
+                 "train_crop": "random", "scale_range": (1.0, 1.15), "flip": False},
+        "train": {"epochs": 30, "warmup_epochs": 2, "batch_size": 32},
+    },
 }
 
 

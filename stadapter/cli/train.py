@@ -1,0 +1,161 @@
+"""`stadapter train`, `stadapter eval` and `stadapter demo` (the offline main job)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from stadapter.cli.common import BackboneOpt, JsonOpt, WeightsOpt, console, err_console, user_errors
+from stadapter.config import METHODS
+from stadapter.errors import ConfigError
+
+DbOpt = Annotated[str | None, typer.Option("--db", envvar="STADAPTER_DB",
+                                           help="Registry database URL (default: SQLite in STADAPTER_HOME).")]
+
+
+def _csv_ints(text: str | None, what: str) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ConfigError(f"{what} must be comma-separated integers, got {text!r}") from None
+
+
+def _log(msg: str) -> None:
+    err_console.print(msg, highlight=False)
+
+
+@user_errors
+def train(
+    task: Annotated[str, typer.Option("--task", "-t", help="Task name. A preset name (k400, ssv2, diving48, ucf101, "
+                                                           "hmdb51) also picks that recipe.")],
+    train_annotations: Annotated[Path, typer.Option("--train", help="Training annotations: a `path label` list, "
+                                                    "a path,label CSV, Kinetics CSV, SSv2 JSON, UCF101/HMDB51 splits.")],
+    val_annotations: Annotated[Path | None, typer.Option("--val", help="Validation annotations (same formats).")] = None,
+    root: Annotated[Path | None, typer.Option(help="Directory the clip paths are relative to "
+                                                    "(default: the annotation file's directory).")] = None,
+    recipe: Annotated[str | None, typer.Option(help="Recipe preset (default: the task name if it is one, else custom).")] = None,
+    backbone: BackboneOpt = "open_clip:ViT-B-16",
+    weights: WeightsOpt = None,
+    method: Annotated[str, typer.Option(help=f"{', '.join(METHODS)}")] = "st-adapter",
+    frames: Annotated[int | None, typer.Option(help="Frames per clip (default: the recipe's).")] = None,
+    width: Annotated[int | None, typer.Option(help="Adapter bottleneck width r.")] = None,
+    positions: Annotated[str | None, typer.Option(help="Adapter positions: attn, mlp or attn,mlp.")] = None,
+    kernel: Annotated[str | None, typer.Option(help="Depth-wise conv kernel kT,kH,kW (default 3,1,1).")] = None,
+    activation: Annotated[str | None, typer.Option(help="Adapter activation: none (official code), gelu (Eq. 2).")] = None,
+    pool: Annotated[str | None, typer.Option(help="cls (the paper) or patch-mean.")] = None,
+    epochs: Annotated[float | None, typer.Option(help="Training epochs.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Clips per optimizer step over all processes.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate per 256 clips (scaled to the batch).")] = None,
+    warmup_epochs: Annotated[float | None, typer.Option(help="Linear warmup epochs.")] = None,
+    conv_lr_mult: Annotated[float | None, typer.Option(help="Learning-rate multiplier for the depth-wise conv.")] = None,
+    grad_accum: Annotated[int | None, typer.Option(help="Gradient accumulation steps.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(help="Save a checkpoint every N steps.")] = None,
+    num_workers: Annotated[int | None, typer.Option(help="Data-loading worker processes.")] = None,
+    flip: Annotated[bool | None, typer.Option("--flip/--no-flip", help="Horizontal flip in training.")] = None,
+    amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="Half-precision backbone on CUDA.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run directory (checkpoint, metrics, curves, bundle). "
+                                                  "Default: runs/TASK.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the run directory's checkpoint.")] = False,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimizer steps.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: cuda if present).")] = None,
+    register: Annotated[bool, typer.Option("--register/--no-register",
+                                           help="Register the bundle in the registry.")] = True,
+    db: DbOpt = None,
+) -> None:
+    """Train an adapter set for a task and register the resulting bundle.
+
+    Works the same under `torchrun --nproc_per_node N` (DDP; gloo on CPU, nccl on GPU).
+    """
+    from stadapter.training.api import resolve_recipe, train_task
+    from stadapter.training.dist import init_distributed  # noqa: F401 - torchrun env is read in train_task
+    from stadapter.video.datasets import load_annotations
+
+    adapter = {k: v for k, v in dict(method=method, width=width, kernel=_csv_ints(kernel, "--kernel"),
+                                     positions=tuple(positions.split(",")) if positions else None,
+                                     activation=activation, pool=pool).items() if v is not None}
+    if "method" in adapter and "activation" not in adapter:
+        adapter["activation"] = None  # let the method pick its default activation
+    spec = {k: v for k, v in dict(num_frames=frames, flip=flip).items() if v is not None}
+    train_cfg = {k: v for k, v in dict(epochs=epochs, batch_size=batch_size, lr_per_256=lr,
+                                       warmup_epochs=warmup_epochs, conv_lr_mult=conv_lr_mult,
+                                       grad_accum=grad_accum, seed=seed, checkpoint_every=checkpoint_every,
+                                       num_workers=num_workers, amp=amp).items() if v is not None}
+    r = resolve_recipe(task, recipe, adapter, spec, train_cfg)
+    tr = load_annotations(train_annotations, split="train", root=root)
+    va = load_annotations(val_annotations, split="val", root=root, classes=tr.classes) if val_annotations else None
+    run_dir = out or Path("runs") / task
+    outcome = train_task(task, r, tr.samples, tr.classes, va.samples if va else None, backbone, weights, run_dir,
+                         resume=resume, max_steps=max_steps, device=device, log=_log,
+                         extra={"data": {"train": str(train_annotations),
+                                         "val": str(val_annotations) if val_annotations else None,
+                                         "num_train": len(tr.samples)}})
+    if outcome.bundle_dir is None:
+        return  # a non-zero DDP rank
+    ref = None
+    if register:
+        from stadapter.registry import open_registry
+
+        info = open_registry(db).register(outcome.bundle_dir, task=task, source={"kind": "train", "run": str(run_dir)},
+                                          data=str(train_annotations))
+        ref = info.ref
+    m = outcome.metrics or {}
+    summary = f"trained {task} ({r.adapter.method}, {outcome.trainable_params:,} trainable params) in {outcome.seconds:.0f} s"
+    if m.get("top1") is not None:
+        summary += f"; val top-1 {100 * m['top1']:.1f}%, top-5 {100 * m['top5']:.1f}%"
+    if outcome.skipped:
+        summary += f"; {outcome.skipped} clip(s) skipped"
+    console.print(summary)
+    console.print(f"bundle: {outcome.bundle_dir}" + (f"  registered as {ref}" if ref else ""))
+
+
+@user_errors
+def evaluate_cmd(
+    task: Annotated[str, typer.Option("--task", "-t", help="TASK, TASK:VERSION or TASK@ALIAS in the registry.")],
+    val_annotations: Annotated[Path, typer.Option("--val", help="Evaluation annotations.")],
+    root: Annotated[Path | None, typer.Option(help="Directory the clip paths are relative to.")] = None,
+    bundle: Annotated[Path | None, typer.Option(help="Evaluate this bundle directory instead of a registry entry.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, ...")] = None,
+    as_json: JsonOpt = False,
+    db: DbOpt = None,
+) -> None:
+    """Evaluate a trained task with its own test views: top-1/top-5, per-class accuracy, confusion matrix."""
+    from stadapter.bundle import Bundle
+    from stadapter.training.api import prepare_backbone
+    from stadapter.training.data import ClipSource
+    from stadapter.training.dist import device_for
+    from stadapter.training.evaluate import evaluate
+    from stadapter.model.video_vit import VideoViT
+    from stadapter.video.datasets import load_annotations
+
+    if bundle is None:
+        from stadapter.registry import open_registry
+
+        b = open_registry(db).load_bundle(task)
+    else:
+        b = Bundle.load(bundle)
+    dev = device_for(device)
+    bb = prepare_backbone(b.backbone["spec"], b.backbone.get("weights"), dev, amp=True)
+    b.check_backbone(bb.fingerprint(), str(bb.spec))
+    model = VideoViT(bb, b.adapter, b.spec.num_frames).eval()
+    tensors = {k: v.to(dev) for k, v in b.tensors.items()}
+    ann = load_annotations(val_annotations, split="val", root=root, classes=b.labels)
+    src = ClipSource(ann.samples, b.spec, bb.image_size, bb.mean, bb.std)
+    metrics = evaluate(model, tensors, src, b.labels, log=_log)
+    if as_json:
+        typer.echo(json.dumps(metrics))
+        return
+    table = Table(title=f"{b.task} on {len(ann.samples)} clips")
+    table.add_column("class")
+    table.add_column("accuracy", justify="right")
+    for name, acc in metrics["per_class"].items():
+        table.add_row(name, "-" if acc is None else f"{100 * acc:.1f}%")
+    console.print(table)
+    console.print(f"top-1 {100 * metrics['top1']:.2f}%  top-5 {100 * metrics['top5']:.2f}%  "
+                  f"({metrics['skipped_clips']} skipped)")

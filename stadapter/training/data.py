@@ -1,0 +1,66 @@
+"""Glue between the video datasets and the training loop: batches that carry each clip's index (for
+per-sample seeds) and drop clips which fail to decode (counted by ``stadapter.video.datasets.SkipCounter``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from stadapter.config import TaskSpec
+from stadapter.video.datasets import Skipped, VideoClipDataset
+
+
+@dataclass
+class ClipSource:
+    """Labelled clips plus everything needed to turn them into model input."""
+
+    samples: list  # stadapter.video.datasets.Sample
+    spec: TaskSpec
+    size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    seed: int = 0
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def dataset(self, train: bool, epoch: int = 0) -> Dataset:
+        ds = VideoClipDataset(self.samples, self.spec, self.size[0], self.mean, self.std, train=train,
+                              seed=self.seed)
+        ds.set_epoch(epoch)
+        return ds
+
+
+class _Indexed(Dataset):
+    def __init__(self, ds: Dataset, samples: list) -> None:
+        self.ds, self.samples = ds, samples
+
+    def __len__(self) -> int:
+        return len(self.ds)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int):
+        return i, self.ds[i], str(self.samples[i].path)
+
+
+def collate_indexed(batch: list):
+    """-> (sample ids (B,), clips (B, ...), labels (B,), Skipped items of clips that failed to decode)."""
+    ok = [(i, item) for i, item, _ in batch if item]
+    skipped = [item if isinstance(item, Skipped) else Skipped(Path(path), "no item") for _, item, path in batch
+               if not item]
+    if not ok:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0), torch.zeros(0, dtype=torch.long), skipped
+    ids = torch.tensor([i for i, _ in ok])
+    clips = torch.stack([item[0] for _, item in ok])
+    labels = torch.tensor([int(item[1]) for _, item in ok])
+    return ids, clips, labels, skipped
+
+
+def make_loader(source: ClipSource, plan: Sequence[Sequence[int]], epoch: int, train: bool, seed: int,
+                workers: int) -> DataLoader:
+    ds = source.dataset(train=train, epoch=epoch)
+    return DataLoader(_Indexed(ds, source.samples), batch_sampler=[list(b) for b in plan],
+                      collate_fn=collate_indexed, num_workers=workers, persistent_workers=False)

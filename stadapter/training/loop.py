@@ -1,0 +1,293 @@
+"""The training loop: one adapter set trained on a frozen backbone, checkpointed, resumable, DDP-ready.
+
+Determinism: the sample order of epoch e is a permutation seeded by (seed, e); every clip's augmentation is
+seeded by (seed, epoch, index) in the dataset, and its head-dropout mask by (seed, epoch, index) here. So a
+resumed run sees exactly the data and masks of an uninterrupted one, and N processes under DDP compute the
+same global batch as one process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from stadapter.config import AdapterConfig, TaskSpec, TrainConfig
+from stadapter.errors import ConfigError, StadapterError
+from stadapter.model.video_vit import VideoViT
+from stadapter.training import dist as D
+from stadapter.training.data import ClipSource, make_loader
+from stadapter.video.datasets import SkipCounter
+from stadapter.training.evaluate import evaluate
+from stadapter.training.optim import lr_at, make_optimizer, scaled_lr, set_lr
+
+CHECKPOINT = "checkpoint.pt"
+METRICS_LOG = "metrics.jsonl"
+
+
+class AdapterParams(nn.Module):
+    """An adapter set's tensors registered as parameters (so optimizers, state dicts and DDP see them) with the
+    video model held outside the module tree, so DDP never touches the frozen backbone."""
+
+    def __init__(self, model: VideoViT, tensors: dict[str, Tensor], seed: int) -> None:
+        super().__init__()
+        self.names = list(tensors)
+        self.params = nn.ParameterList([nn.Parameter(t) for t in tensors.values()])
+        self._model = [model]
+        self.seed = seed
+
+    def tensors(self) -> dict[str, Tensor]:
+        return dict(zip(self.names, self.params))
+
+    def forward(self, clips: Tensor, sample_ids: Tensor, epoch: int) -> Tensor:
+        model = self._model[0]
+        t = self.tensors()
+        feats = model.features(clips, t)  # (B, C) float32
+        p = model.config.dropout
+        if p > 0:
+            masks = torch.stack([
+                torch.bernoulli(torch.full((feats.shape[1],), 1 - p),
+                                generator=torch.Generator().manual_seed(hash_seed(self.seed, epoch, int(i), 1)))
+                for i in sample_ids]).to(feats.device)
+            feats = feats * masks / (1 - p)
+        return F.linear(feats, t["head.weight"], t["head.bias"])
+
+
+def hash_seed(*parts: int) -> int:
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (p & 0xFFFFFFFFFFFF)) * 1099511628211) % (1 << 63)
+    return h
+
+
+@dataclass
+class TrainJob:
+    task: str
+    adapter: AdapterConfig
+    spec: TaskSpec
+    train: TrainConfig
+    labels: list[str]
+    train_source: ClipSource
+    val_source: ClipSource | None
+    out: Path
+    max_steps: int | None = None  # stop early (tests, smoke runs)
+    device: str | None = None
+    log: Callable[[str], None] = print
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    tensors: dict[str, Tensor]
+    metrics: dict[str, Any] | None
+    steps: int
+    seconds: float
+    skipped: int
+
+
+def plan_steps(n_train: int, cfg: TrainConfig, world: int) -> tuple[int, int, int]:
+    """(global batch, steps per epoch, total steps); refuses batches that do not split evenly."""
+    batch = min(cfg.batch_size, n_train)
+    if batch % (world * cfg.grad_accum):
+        raise ConfigError(f"batch size {batch} must divide evenly over {world} process(es) x "
+                          f"{cfg.grad_accum} accumulation step(s)")
+    per_epoch = max(1, n_train // batch)
+    return batch, per_epoch, max(1, math.ceil(cfg.epochs * per_epoch))
+
+
+def epoch_batches(n: int, batch: int, per_epoch: int, seed: int, epoch: int) -> list[list[int]]:
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(hash_seed(seed, epoch, 0, 2))).tolist()
+    return [order[s * batch:(s + 1) * batch] for s in range(per_epoch)]
+
+
+def micro_batches(global_batch: list[int], info: D.DistInfo, accum: int) -> list[list[int]]:
+    mine = global_batch[info.rank::info.world_size]
+    size = len(mine) // accum
+    return [mine[m * size:(m + 1) * size] for m in range(accum)]
+
+
+def run_training(job: TrainJob, model: VideoViT, info: D.DistInfo, resume: bool = False) -> TrainResult:
+    cfg, out = job.train, job.out
+    device = next(model.backbone.parameters()).device
+    out.mkdir(parents=True, exist_ok=True)
+    n_train = len(job.train_source)
+    batch, per_epoch, total = plan_steps(n_train, cfg, info.world_size)
+    if job.max_steps is not None:
+        total = min(total, job.max_steps)
+    warmup = int(round(cfg.warmup_epochs * per_epoch))
+    peak = scaled_lr(TrainConfig(**{**cfg.to_dict(), "batch_size": batch}))
+    tensors = model.init_adapter_set(torch.Generator().manual_seed(cfg.seed))
+    module = AdapterParams(model, {k: v.to(device) for k, v in tensors.items()}, cfg.seed)
+    opt = make_optimizer(module.tensors(), cfg, peak)
+    use_amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    step = 0
+    ckpt_path = out / CHECKPOINT
+    signature = _signature(job, batch, total)
+    if resume and ckpt_path.exists():
+        step = _load_checkpoint(ckpt_path, module, opt, scaler, signature)
+        _truncate_log(out / METRICS_LOG, step)
+        if info.is_main:
+            job.log(f"resuming from step {step} of {total} ({ckpt_path})")
+    elif resume:
+        job.log(f"no checkpoint in {out}; starting from scratch")
+    ddp = (torch.nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda"
+                                                     else None) if info.enabled else module)
+    skips = SkipCounter(warn=job.log if info.is_main else (lambda _: None))
+    log_file = open(out / METRICS_LOG, "a") if info.is_main else None
+    start, seen, metrics = time.monotonic(), 0, None
+    bar = _Progress(total, step, enabled=job.progress and info.is_main, label=job.task)
+    try:
+        model.train()
+        while step < total:
+            epoch, in_epoch = divmod(step, per_epoch)
+            batches = epoch_batches(n_train, batch, per_epoch, cfg.seed, epoch)[in_epoch:]
+            plan = [mb for gb in batches for mb in micro_batches(gb, info, cfg.grad_accum)]
+            loader = make_loader(job.train_source, plan, epoch, train=True, seed=cfg.seed,
+                                 workers=cfg.num_workers)
+            it: Iterator = iter(loader)
+            for _ in batches:
+                lr = lr_at(step, total, warmup, peak)
+                set_lr(opt, lr)
+                opt.zero_grad(set_to_none=True)
+                loss_sum, n_clips = 0.0, 0
+                for m in range(cfg.grad_accum):
+                    ids, clips, labels, skipped = next(it)
+                    skips.update(ok=len(ids), skipped=skipped)
+                    sync = m == cfg.grad_accum - 1 or not info.enabled
+                    ctx = ddp.no_sync() if (info.enabled and not sync) else _null()
+                    with ctx, torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                        if len(ids):
+                            logits = ddp(clips.to(device, non_blocking=True), ids, epoch)
+                            loss = F.cross_entropy(logits.float(), labels.to(device), reduction="sum")
+                        else:  # every clip of this micro-batch failed to decode: keep DDP in step
+                            loss = sum(p.sum() * 0 for p in module.params)
+                        scaler.scale(loss / max(1, batch // info.world_size)).backward()
+                    loss_sum += float(loss.detach())
+                    n_clips += len(ids)
+                scaler.step(opt)
+                scaler.update()
+                step += 1
+                seen += n_clips * info.world_size
+                mean_loss = loss_sum / max(1, n_clips)
+                rate = seen / max(1e-9, time.monotonic() - start)
+                bar.advance(loss=mean_loss, lr=lr, rate=rate)
+                if log_file:
+                    log_file.write(json.dumps({"step": step, "epoch": epoch, "loss": mean_loss, "lr": lr,
+                                               "clips_per_s": rate}) + "\n")
+                    log_file.flush()
+                if step % cfg.checkpoint_every == 0 or step == total:
+                    if info.is_main:
+                        _save_checkpoint(ckpt_path, module, opt, scaler, step, signature)
+                    D.barrier(info)
+                end_of_epoch = step % per_epoch == 0
+                if job.val_source is not None and (step == total or (
+                        end_of_epoch and cfg.eval_every > 0 and (step // per_epoch) % max(1, int(cfg.eval_every)) == 0)):
+                    if info.is_main:
+                        metrics = evaluate(model, module.tensors(), job.val_source, job.labels, workers=cfg.num_workers)
+                        metrics["step"] = step
+                        if log_file:
+                            log_file.write(json.dumps({"step": step, "split": "val", "top1": metrics["top1"],
+                                                       "top5": metrics["top5"]}) + "\n")
+                            log_file.flush()
+                        bar.note(f"val top-1 {metrics['top1']:.3f}")
+                    D.barrier(info)
+                    model.train()
+                if step >= total:
+                    break
+            del it, loader
+    finally:
+        bar.close()
+        if log_file:
+            log_file.close()
+    final = {k: v.detach().to("cpu", torch.float32).clone() for k, v in module.tensors().items()}
+    return TrainResult(final, metrics, step, time.monotonic() - start, skips.skipped)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _signature(job: TrainJob, batch: int, total: int) -> dict[str, Any]:
+    return {"task": job.task, "adapter": job.adapter.to_dict(), "spec": job.spec.to_dict(),
+            "train": {k: v for k, v in job.train.to_dict().items() if k not in ("num_workers", "checkpoint_every")},
+            "batch": batch, "total": total, "num_train": len(job.train_source), "labels": job.labels}
+
+
+def _save_checkpoint(path: Path, module: AdapterParams, opt, scaler, step: int, signature: dict) -> None:
+    state = {"step": step, "names": module.names, "tensors": [p.detach().cpu() for p in module.params],
+             "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "signature": json.dumps(signature)}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path, module: AdapterParams, opt, scaler, signature: dict) -> int:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise StadapterError(f"cannot read checkpoint {path}: {e}") from e
+    saved = json.loads(state["signature"])
+    if saved != json.loads(json.dumps(signature)):
+        diff = sorted(k for k in signature if saved.get(k) != json.loads(json.dumps(signature)).get(k))
+        raise StadapterError(f"checkpoint {path} belongs to a different run (differs in: {', '.join(diff)}); "
+                             f"use another --out or drop --resume")
+    if state["names"] != module.names:
+        raise StadapterError(f"checkpoint {path} holds other tensors than this model")
+    with torch.no_grad():
+        for p, t in zip(module.params, state["tensors"]):
+            p.copy_(t)
+    opt.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    return int(state["step"])
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+class _Progress:
+    """A rich progress bar with loss, lr, clips/s and ETA (quiet when disabled)."""
+
+    def __init__(self, total: int, done: int, enabled: bool, label: str) -> None:
+        self.enabled = enabled
+        if not enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.p = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                          TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[rate]} clips/s"),
+                          TextColumn("{task.fields[note]}"), TimeRemainingColumn(), transient=False)
+        self.p.start()
+        self.t = self.p.add_task(f"train {label}", total=total, completed=done, loss="-", lr="-", rate="-", note="")
+
+    def advance(self, loss: float, lr: float, rate: float) -> None:
+        if self.enabled:
+            self.p.update(self.t, advance=1, loss=f"{loss:.4f}", lr=f"{lr:.2e}", rate=f"{rate:.1f}")
+
+    def note(self, text: str) -> None:
+        if self.enabled:
+            self.p.update(self.t, note=text)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.p.stop()

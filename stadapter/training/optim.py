@@ -1,0 +1,60 @@
+"""AdamW over an adapter set, the official recipe: lr per 256 clips scaled linearly, weight decay on weights
+only (not biases or norms), linear warmup then cosine per step."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from stadapter.config import TrainConfig
+
+
+def scaled_lr(cfg: TrainConfig) -> float:
+    """The peak learning rate for the global batch (``batch_size`` clips per optimizer step, summed over
+    processes and accumulation steps)."""
+    return cfg.lr_per_256 * cfg.batch_size / 256
+
+
+def param_groups(tensors: Mapping[str, Tensor], cfg: TrainConfig, lr: float) -> list[dict]:
+    """Three groups: decayed weights, undecayed biases and norm weights (1-D), and the depth-wise conv
+    weights (decayed, with ``conv_lr_mult`` times the learning rate)."""
+    decay, no_decay, conv = [], [], []
+    for name, t in tensors.items():
+        if not t.requires_grad:
+            continue
+        if name.endswith("conv.weight"):
+            conv.append(t)
+        elif t.dim() <= 1:
+            no_decay.append(t)
+        else:
+            decay.append(t)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
+        {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
+        {"params": conv, "weight_decay": cfg.weight_decay, "lr_scale": cfg.conv_lr_mult},
+    ]
+    groups = [g for g in groups if g["params"]]
+    for g in groups:
+        g["lr"] = lr * g["lr_scale"]
+    return groups
+
+
+def make_optimizer(tensors: Mapping[str, Tensor], cfg: TrainConfig, lr: float) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(tensors, cfg, lr), lr=lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
+    """Linear warmup from 0 to ``peak`` over ``warmup_steps``, then cosine to 0 at ``total_steps``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)

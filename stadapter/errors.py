@@ -31,3 +31,7 @@ class RegistryError(StadapterError):
 
 class DecodeError(StadapterError):
     """A video file that is missing, empty, truncated or cannot be decoded."""
+
+
+class HubError(StadapterError):
+    """A Hugging Face Hub call that failed: token refused, repository or revision missing, Hub unreachable."""

@@ -7,6 +7,7 @@ import typer
 from stadapter import __version__
 from stadapter.cli import model
 from stadapter.cli import data
+from stadapter.cli import hub as hub_cli
 
 app = typer.Typer(
     name="stadapter",
@@ -19,6 +20,7 @@ app = typer.Typer(
 
 app.command("model-info")(model.model_info)
 app.add_typer(data.app, name="data")
+hub_cli.register(app)  # push, pull
 
 
 def _version(value: bool) -> None:

@@ -1,0 +1,704 @@
+"""Push and pull adapter bundles through the Hugging Face Hub. The only module that imports huggingface_hub.
+
+    push(bundle_dir, "org/name", tag="v3")       -> PushResult(commit, tag, url, created)
+    pull("org/name", "v3", dest=path)             -> PullResult(commit, path)   (a verified bundle directory)
+
+What this module guarantees:
+
+* Endpoint and token come from the arguments, else ``HF_ENDPOINT`` / ``HF_TOKEN`` read at call time, and are
+  passed explicitly to huggingface_hub (it reads its environment once, at import). A token stored by
+  ``hf auth login`` is used only for the default endpoint, so it never travels to a mirror or a test server.
+  The token never appears in a message or a log line.
+* Every request has a timeout (huggingface_hub leaves some calls without one: a request hook fills in ours),
+  transient failures (5xx, 429, connection reset, timeouts) are retried with exponential backoff within the
+  timeout, and failures become one-line :class:`~stadapter.errors.HubError` messages: token refused (401),
+  no permission (403), repository or revision not found, Hub unreachable.
+* A push uploads the bundle's files (adapter.safetensors, config.json, labels.json, README.md, metrics.json,
+  manifest.json), deletes files the bundle no longer has, and tags the commit. An unchanged bundle (every
+  remote file's sha256 / git oid equal to the local one) makes no new commit. Tags are never moved.
+* A pull resolves the revision (tag, branch or sha) to one commit and downloads exactly that commit. Before
+  anything is written to ``dest`` it refuses pickles and files the manifest does not list (naming them),
+  checks the bundle format version, and checks every file's size and sha256 against the manifest. Files go
+  through a cache under ``$STADAPTER_HOME/hub/cache`` (huggingface_hub's layout); with ``HF_HUB_OFFLINE=1``
+  a revision already pulled once is served from that cache, verified the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import struct
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from stadapter import __version__
+from stadapter.bundle import (FORMAT_VERSION, MANIFEST, PICKLE_SUFFIXES, check_file_names, sha256_file,
+                              verify_bundle)
+from stadapter.errors import BundleError, HubError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ENDPOINT = "https://huggingface.co"
+DEFAULT_TIMEOUT = 30.0
+MAX_ATTEMPTS = 4
+BACKOFF_S = 0.5
+IGNORED_REMOTE = frozenset({".gitattributes"})  # git metadata every Hub repo has; never part of a bundle
+REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+SHA_RE = re.compile(r"^[0-9a-f]{40}$")
+TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+_TRUE = ("1", "true", "yes", "on")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """repo, commit (the commit holding the bundle), tag (or None), url (the commit's tree on the Hub),
+    created (a new commit was made; False when the bundle was already there), repo_created (the repo is new)."""
+
+    repo: str
+    commit: str
+    tag: str | None
+    url: str
+    created: bool
+    repo_created: bool = False
+    branch: str = "main"
+
+
+@dataclass(frozen=True)
+class PullResult:
+    """repo, revision (as asked), commit (what it resolved to), path (the verified bundle directory), files
+    (the manifest's {name: {sha256, size}}), from_cache (served offline from the local cache)."""
+
+    repo: str
+    revision: str
+    commit: str
+    path: Path
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    from_cache: bool = False
+
+
+# -- settings ------------------------------------------------------------------------------------------
+
+def parse_repo_ref(text: str) -> tuple[str, str | None]:
+    """``org/name`` or ``org/name@revision`` -> (repo, revision or None). Raises HubError if malformed."""
+    repo, sep, revision = text.strip().partition("@")
+    check_repo_id(repo)
+    if sep and not revision:
+        raise HubError(f"{text!r}: empty revision after '@'; use ORG/NAME@REVISION (a tag, branch or commit)")
+    return repo, (revision or None)
+
+
+def check_repo_id(repo: str) -> str:
+    if not isinstance(repo, str) or not REPO_RE.match(repo) or "--" in repo or ".." in repo:
+        raise HubError(f"not a Hub repository id: {repo!r}; use ORG/NAME (letters, digits, '.', '_', '-')")
+    return repo
+
+
+def resolve_endpoint(endpoint: str | None = None) -> str:
+    """The argument, else ``$HF_ENDPOINT``, else https://huggingface.co (no trailing slash)."""
+    value = endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT
+    if not re.match(r"^https?://[^/\s]+", value):
+        raise HubError(f"not a Hub endpoint URL: {value!r}; use http(s)://host[:port]")
+    return value.rstrip("/")
+
+
+def resolve_token(token: str | None, endpoint: str) -> str | bool | None:
+    """The argument, else ``$HF_TOKEN``; else the login token for the default endpoint only (None lets
+    huggingface_hub use it), and no token at all (False) for any other endpoint."""
+    token = token or os.environ.get("HF_TOKEN") or None
+    if token:
+        return token
+    return None if endpoint == DEFAULT_ENDPOINT else False
+
+
+def is_offline() -> bool:
+    """``HF_HUB_OFFLINE`` as the environment says now, or as huggingface_hub read it at import."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE:
+        return True
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def default_cache_dir() -> Path:
+    """``$STADAPTER_HOME/hub/cache``: downloaded files in huggingface_hub's cache layout."""
+    from stadapter.registry.db import default_home
+
+    return default_home() / "hub" / "cache"
+
+
+def _sync_env() -> None:
+    """huggingface_hub reads HF_HUB_DISABLE_XET at import; honour it when it was set afterwards (one way)."""
+    if os.environ.get("HF_HUB_DISABLE_XET", "").strip().lower() in _TRUE:
+        from huggingface_hub import constants
+
+        constants.HF_HUB_DISABLE_XET = True
+
+
+# -- timeouts on every request -------------------------------------------------------------------------
+
+_FILL_TIMEOUT: float | None = None
+_HOOK_INSTALLED = False
+
+
+def _fill_timeout(request: Any) -> None:
+    """Request hook: give every request without one our timeout (connect, read, write, pool)."""
+    t = _FILL_TIMEOUT
+    if t is None:
+        return
+    current = request.extensions.get("timeout") or {}
+    filled = {k: (t if current.get(k) is None else current[k]) for k in ("connect", "read", "write", "pool")}
+    request.extensions = {**request.extensions, "timeout": filled}
+
+
+def _install_timeouts(timeout: float) -> None:
+    """Wrap huggingface_hub's HTTP client factory once, adding :func:`_fill_timeout` as a request hook.
+    Several HfApi calls (create_repo, create_commit, create_tag, list_repo_refs, list_repo_tree...) send no
+    timeout of their own; they get the timeout of the latest stadapter Hub operation in this process."""
+    global _FILL_TIMEOUT, _HOOK_INSTALLED
+    _FILL_TIMEOUT = float(timeout)
+    if _HOOK_INSTALLED:
+        return
+    try:  # huggingface_hub >= 1.0 (httpx clients); older releases keep the per-call timeouts only
+        from huggingface_hub import set_client_factory
+        from huggingface_hub.utils import _http
+    except ImportError:
+        _HOOK_INSTALLED = True
+        return
+    previous = getattr(_http, "_GLOBAL_CLIENT_FACTORY", None) or getattr(_http, "default_client_factory", None)
+    if previous is None:  # an unknown layout: keep per-call timeouts only
+        _HOOK_INSTALLED = True
+        return
+
+    def factory() -> Any:
+        client = previous()
+        hooks = client.event_hooks
+        if _fill_timeout not in hooks.get("request", []):
+            client.event_hooks = {"request": [*hooks.get("request", []), _fill_timeout],
+                                  "response": list(hooks.get("response", []))}
+        return client
+
+    set_client_factory(factory)
+    _HOOK_INSTALLED = True
+
+
+# -- errors ----------------------------------------------------------------------------------------------
+
+def _chain(e: BaseException) -> list[BaseException]:
+    out, seen = [], set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        out.append(cur)
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return out
+
+
+def _status(e: BaseException) -> int | None:
+    for c in _chain(e):
+        status = getattr(getattr(c, "response", None), "status_code", None)
+        if isinstance(status, int):
+            return status
+    return None
+
+
+def _kinds(e: BaseException) -> set[str]:
+    """Class names along the exception's MRO and cause chain (httpx and httpx2 share the names)."""
+    return {cls.__name__ for c in _chain(e) for cls in type(c).__mro__}
+
+
+def _transient(e: BaseException) -> bool:
+    if isinstance(e, (HubError, BundleError)):
+        return False
+    kinds = _kinds(e)
+    if kinds & {"RepositoryNotFoundError", "RevisionNotFoundError", "EntryNotFoundError", "GatedRepoError",
+                "OfflineModeIsEnabled"}:
+        return False
+    status = _status(e)
+    if status is not None:
+        return status in TRANSIENT_STATUS
+    return bool(kinds & {"TimeoutException", "NetworkError", "RemoteProtocolError", "ConnectionError",
+                         "ConnectionResetError", "TimeoutError"})
+
+
+class _Hub:
+    """One operation's connection settings: an HfApi with explicit endpoint and token, retries, messages."""
+
+    def __init__(self, endpoint: str | None, token: str | None, timeout: float) -> None:
+        if not timeout or timeout <= 0:
+            raise HubError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        self.endpoint = resolve_endpoint(endpoint)
+        self.token = resolve_token(token, self.endpoint)
+        self.timeout = float(timeout)
+        _sync_env()
+        _install_timeouts(self.timeout)
+        from huggingface_hub import HfApi
+
+        self.api = HfApi(endpoint=self.endpoint, token=self.token, library_name="stadapter",
+                         library_version=__version__)
+
+    # -- messages ----------------------------------------------------------------------------------------
+    def clean(self, text: str, limit: int = 300) -> str:
+        text = " ".join(str(text).split())
+        if isinstance(self.token, str) and self.token:
+            text = text.replace(self.token, "***")
+        return text if len(text) <= limit else text[:limit] + "..."
+
+    def error(self, e: BaseException, what: str, repo: str | None = None, revision: str | None = None) -> HubError:
+        """A one-line HubError for a failed Hub call (never containing the token)."""
+        if isinstance(e, HubError):
+            return e
+        kinds, status = _kinds(e), _status(e)
+        at = f"the Hub at {self.endpoint}"
+        no_token = not isinstance(self.token, str)
+        if "OfflineModeIsEnabled" in kinds:
+            return HubError(f"{what}: HF_HUB_OFFLINE is set, so {at} is not contacted; unset it, or pull a "
+                            f"revision that is already in the local cache")
+        if "RevisionNotFoundError" in kinds:
+            known = self._known_refs(repo) if repo else ""
+            return HubError(f"{what}: revision {revision!r} not found in {repo} on {at}{known}")
+        if "GatedRepoError" in kinds:
+            return HubError(f"{what}: {repo} on {at} is gated: accept its conditions on the Hub with the token's "
+                            f"account")
+        if "RepositoryNotFoundError" in kinds:
+            hint = " (pass --token or set HF_TOKEN if it is private)" if no_token else \
+                " (or it is private and the token cannot read it)"
+            return HubError(f"{what}: repository {repo} not found on {at}{hint}")
+        if status == 401:
+            if no_token:
+                return HubError(f"{what}: {at} needs a token (401 Unauthorized); pass --token or set HF_TOKEN")
+            return HubError(f"{what}: {at} refused the token (401 Unauthorized); check --token / HF_TOKEN")
+        if status == 403:
+            return HubError(f"{what}: the token may not do this with {repo or 'this repository'} on {at} "
+                            f"(403 Forbidden); use a token with the needed (read or write) access")
+        if "EntryNotFoundError" in kinds:
+            return HubError(f"{what}: file not found in {repo}@{revision} on {at}")
+        if "TimeoutException" in kinds or "TimeoutError" in kinds:
+            return HubError(f"{what}: {at} did not answer within {self.timeout:g}s (timed out); check the network "
+                            f"or raise --timeout")
+        if kinds & {"NetworkError", "ConnectError", "ConnectionError", "RemoteProtocolError"} and status is None:
+            reason = self.clean(str(e), 120) or type(e).__name__
+            return HubError(f"{what}: cannot reach {at} ({reason}); check --endpoint / HF_ENDPOINT and the network")
+        if status == 404:
+            return HubError(f"{what}: {at} answered 404 Not Found without a Hub error code; is {self.endpoint} "
+                            f"a Hugging Face Hub endpoint? (check --endpoint / HF_ENDPOINT)")
+        if status is not None:
+            server = self.clean(getattr(getattr(e, "response", None), "headers", {}).get("X-Error-Message", "")
+                                or str(e), 200)
+            return HubError(f"{what}: {at} answered {status}: {server}")
+        return HubError(f"{what}: {type(e).__name__}: {self.clean(str(e))}")
+
+    def _known_refs(self, repo: str) -> str:
+        try:
+            refs = self.api.list_repo_refs(repo)
+        except Exception:  # noqa: BLE001 - only decorates a message
+            return ""
+        tags = ", ".join(sorted(t.name for t in refs.tags)[:20]) or "none"
+        branches = ", ".join(sorted(b.name for b in refs.branches)[:20]) or "none"
+        return f" (tags: {tags}; branches: {branches})"
+
+    # -- calls -------------------------------------------------------------------------------------------
+    def call(self, what: str, fn: Callable[[], T], *, repo: str | None = None, revision: str | None = None) -> T:
+        """Run ``fn``, retrying transient failures with exponential backoff while the timeout allows;
+        anything else (or the last failure) becomes a HubError."""
+        start = time.monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return fn()
+            except (HubError, BundleError):
+                raise
+            except Exception as e:  # noqa: BLE001 - translated below
+                wait = BACKOFF_S * 2 ** (attempt - 1) * (1 + 0.25 * random.random())
+                elapsed = time.monotonic() - start
+                if not _transient(e) or attempt >= MAX_ATTEMPTS or elapsed + wait > self.timeout:
+                    err = self.error(e, what, repo, revision)
+                    if _transient(e) and attempt > 1:
+                        err = HubError(f"{err} [{attempt} attempts in {elapsed:.1f}s]")
+                    raise err from None
+                log.warning("%s: transient failure (%s), retrying in %.1fs [%d/%d]", what,
+                            self.clean(type(e).__name__ + ": " + str(e), 160), wait, attempt, MAX_ATTEMPTS - 1)
+                time.sleep(wait)
+
+    def commit_of(self, repo: str, revision: str) -> str:
+        return self.snapshot(repo, revision)[0]
+
+    def snapshot(self, repo: str, revision: str, files_metadata: bool = False) -> tuple[str, dict[str, Any]]:
+        """(commit sha, {path: RepoSibling}) of ``revision``, from one repo-info request (so the file list
+        belongs to exactly that commit). With ``files_metadata``: sizes, blob ids and LFS sha256s."""
+        info = self.call(f"resolve {repo}@{revision}",
+                         lambda: self.api.model_info(repo, revision=revision, files_metadata=files_metadata,
+                                                     timeout=self.timeout),
+                         repo=repo, revision=revision)
+        if not isinstance(info.sha, str) or not SHA_RE.match(info.sha):
+            raise HubError(f"resolve {repo}@{revision}: the Hub at {self.endpoint} returned no commit sha")
+        return info.sha, {s.rfilename: s for s in (info.siblings or [])}
+
+    def download(self, repo: str, name: str, commit: str, cache: Path, local_only: bool) -> Path:
+        from huggingface_hub import hf_hub_download
+
+        def run() -> Path:
+            return Path(hf_hub_download(repo, name, revision=commit, cache_dir=cache, endpoint=self.endpoint,
+                                        token=self.token, etag_timeout=self.timeout,
+                                        local_files_only=local_only, library_name="stadapter",
+                                        library_version=__version__))
+
+        what = f"download {name} from {repo}@{commit[:12]}"
+        try:
+            return self.call(what, run, repo=repo, revision=commit)
+        except HubError:
+            if local_only:
+                raise HubError(f"{what}: not in the local cache {cache}, and HF_HUB_OFFLINE is set") from None
+            raise
+
+
+# -- push ------------------------------------------------------------------------------------------------
+
+def _git_blob_sha1(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _same_file(local: Path, remote: Any) -> bool:
+    """Whether a remote sibling (with files metadata) holds exactly the local file's bytes."""
+    if remote is None or remote.size is None or remote.size != local.stat().st_size:
+        return False
+    lfs = getattr(remote, "lfs", None)
+    if lfs is not None and lfs.get("sha256"):
+        return lfs["sha256"] == sha256_file(local)
+    return bool(remote.blob_id) and remote.blob_id == _git_blob_sha1(local)
+
+
+def push(bundle_dir: str | Path, repo: str, *, endpoint: str | None = None, token: str | None = None,
+         private: bool = False, branch: str | None = None, tag: str | None = None, message: str | None = None,
+         timeout: float = DEFAULT_TIMEOUT) -> PushResult:
+    """Upload a verified bundle directory to ``repo`` (created if absent, ``private`` then), on ``branch``
+    (default main; created from main if absent), and tag the commit with ``tag``.
+
+    No new commit when every bundle file is already there with the same content and nothing else is (besides
+    .gitattributes); files the bundle no longer has are deleted in the new commit. Tags are never moved: when
+    ``tag`` exists, its commit must hold exactly this bundle (then the push is a no-op returning that commit),
+    else HubError before anything is committed."""
+    bundle_dir = Path(bundle_dir)
+    check_repo_id(repo)
+    manifest = verify_bundle(bundle_dir)
+    names = sorted(manifest["files"]) + [MANIFEST]
+    if is_offline():
+        raise HubError(f"push to {repo}: HF_HUB_OFFLINE is set; pushing needs the network")
+    hub = _Hub(endpoint, token, timeout)
+    api = hub.api
+    rev = branch or "main"
+
+    def create() -> bool:
+        try:
+            api.create_repo(repo, private=private, exist_ok=False)
+            return True
+        except Exception as e:  # noqa: BLE001
+            if _status(e) == 409:
+                return False
+            raise
+
+    repo_created = hub.call(f"create {repo}", create, repo=repo)
+    if branch and branch != "main":
+        def make_branch() -> None:
+            refs = api.list_repo_refs(repo)
+            if branch not in {b.name for b in refs.branches}:
+                api.create_branch(repo, branch=branch, exist_ok=True)
+
+        hub.call(f"create branch {branch} in {repo}", make_branch, repo=repo, revision=branch)
+
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+    def holds_bundle(remote: dict[str, Any]) -> bool:
+        stale = set(remote) - set(names) - IGNORED_REMOTE
+        return not stale and all(_same_file(bundle_dir / n, remote.get(n)) for n in names)
+
+    if tag:
+        # An existing tag must already hold exactly this bundle (re-pushing an old version is a no-op, even
+        # after newer versions moved the branch on); checked before anything is committed.
+        tagged = _tag_target(hub, repo, tag)
+        if tagged is not None:
+            if not holds_bundle(hub.snapshot(repo, tagged, files_metadata=True)[1]):
+                raise HubError(f"tag {tag} on {repo} already points at commit {tagged[:12]}, which holds a different "
+                               f"bundle. Tags are never moved; push to another repo, or delete the tag on the Hub "
+                               f"first")
+            return PushResult(repo=repo, commit=tagged, tag=tag, url=f"{hub.endpoint}/{repo}/tree/{tagged}",
+                              created=False, repo_created=repo_created, branch=rev)
+
+    def commit_step() -> tuple[str, bool]:
+        # Re-read the remote state on every attempt: if an earlier attempt did commit, this one sees it.
+        head, remote = hub.snapshot(repo, rev, files_metadata=True)
+        if holds_bundle(remote):
+            return head, False
+        stale = sorted(set(remote) - set(names) - IGNORED_REMOTE)
+        ops: list[Any] = [CommitOperationAdd(path_in_repo=n, path_or_fileobj=str(bundle_dir / n)) for n in names]
+        ops += [CommitOperationDelete(path_in_repo=n) for n in stale]
+        title = message or f"stadapter: upload bundle{f' {tag}' if tag else ''}"
+        info = api.create_commit(repo, ops, commit_message=title, revision=rev, parent_commit=head,
+                                 commit_description=f"Pushed by stadapter {__version__}.")
+        return info.oid, info.oid != head
+
+    commit, created = hub.call(f"push to {repo}@{rev}", commit_step, repo=repo, revision=rev)
+    if tag:
+        _ensure_tag(hub, repo, tag, commit)
+    return PushResult(repo=repo, commit=commit, tag=tag or None, url=f"{hub.endpoint}/{repo}/tree/{commit}",
+                      created=created, repo_created=repo_created, branch=rev)
+
+
+def _tag_target(hub: _Hub, repo: str, tag: str) -> str | None:
+    refs = hub.call(f"read the tags of {repo}", lambda: hub.api.list_repo_refs(repo), repo=repo)
+    return {t.name: t.target_commit for t in refs.tags}.get(tag)
+
+
+def _ensure_tag(hub: _Hub, repo: str, tag: str, commit: str) -> None:
+    def run() -> None:
+        tags = {t.name: t.target_commit for t in hub.api.list_repo_refs(repo).tags}
+        if tag in tags:
+            if tags[tag] != commit:
+                raise HubError(f"tag {tag} on {repo} was just created by someone else at commit {tags[tag][:12]}, "
+                               f"not at the pushed commit {commit[:12]}. Tags are never moved")
+            return
+        try:
+            hub.api.create_tag(repo, tag=tag, revision=commit, tag_message=f"stadapter {tag}")
+        except Exception as e:  # noqa: BLE001
+            if _status(e) != 409:
+                raise
+            run()  # created concurrently (or by an earlier attempt): check where it points
+
+    hub.call(f"tag {repo}@{commit[:12]} as {tag}", run, repo=repo, revision=commit)
+
+
+# -- pull ------------------------------------------------------------------------------------------------
+
+def _storage(cache: Path, repo: str) -> Path:
+    return cache / ("models--" + repo.replace("/", "--"))
+
+
+def _cached_commit(cache: Path, repo: str, revision: str) -> str:
+    if SHA_RE.match(revision):
+        return revision
+    ref = _storage(cache, repo) / "refs" / revision
+    if ref.is_file():
+        sha = ref.read_text().strip()
+        if SHA_RE.match(sha):
+            return sha
+    raise HubError(f"pull {repo}@{revision}: HF_HUB_OFFLINE is set and this revision was never pulled into the "
+                   f"local cache {cache}; pull it once online, or unset HF_HUB_OFFLINE")
+
+
+def _remember_ref(cache: Path, repo: str, revision: str, commit: str) -> None:
+    """Record revision -> commit in the cache's refs (huggingface_hub's layout), for offline pulls."""
+    if revision == commit or "/" in revision or revision.startswith("."):
+        return
+    ref = _storage(cache, repo) / "refs" / revision
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    tmp = ref.with_name(f".{revision}.{os.getpid()}")
+    tmp.write_text(commit)
+    os.replace(tmp, ref)
+
+
+def resolve_revision(repo: str, revision: str | None = None, *, endpoint: str | None = None,
+                     token: str | None = None, cache_dir: str | Path | None = None,
+                     timeout: float = DEFAULT_TIMEOUT) -> str:
+    """The commit sha ``revision`` (tag, branch or sha; default main) of ``repo`` points at now; offline, the
+    commit it pointed at when it was last pulled."""
+    check_repo_id(repo)
+    revision = revision or "main"
+    if is_offline():
+        return _cached_commit(Path(cache_dir) if cache_dir else default_cache_dir(), repo, revision)
+    return _Hub(endpoint, token, timeout).commit_of(repo, revision)
+
+
+def _is_pickle(head: bytes) -> bool:
+    return (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")) or head[:4] == b"PK\x03\x04"
+
+
+def check_content(path: Path, name: str, where: str) -> None:
+    """Refuse a file whose bytes do not fit its name: a safetensors file with a valid header, JSON that
+    parses, UTF-8 text, a PNG; and no pickle (or torch zip) under any name."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(16)
+        if name.endswith(".safetensors"):
+            ok = False
+            if len(head) >= 9:
+                n = struct.unpack("<Q", head[:8])[0]
+                if 2 <= n <= size - 8:
+                    f.seek(8)
+                    try:
+                        ok = isinstance(json.loads(f.read(n)), dict)
+                    except ValueError:
+                        ok = False
+            if not ok:
+                what = "a pickle" if _is_pickle(head) else "not a safetensors file"
+                raise BundleError(f"{where}: refusing {name}: {what}")
+            return
+        if _is_pickle(head):
+            raise BundleError(f"{where}: refusing {name}: it is a pickle")
+        f.seek(0)
+        if name.endswith(".json"):
+            try:
+                json.loads(f.read().decode("utf-8"))
+            except ValueError as e:
+                raise BundleError(f"{where}: refusing {name}: not valid JSON ({e})") from None
+        elif name.endswith(".md"):
+            try:
+                f.read().decode("utf-8")
+            except UnicodeDecodeError:
+                raise BundleError(f"{where}: refusing {name}: not UTF-8 text") from None
+        elif name.endswith(".png") and head[:8] != b"\x89PNG\r\n\x1a\n":
+            raise BundleError(f"{where}: refusing {name}: not a PNG image")
+
+
+def _forget(path: Path) -> None:
+    """Drop a bad file from the cache (snapshot link and blob), so a later pull downloads it again."""
+    try:
+        blob = path.resolve()
+        path.unlink(missing_ok=True)
+        if blob != path and blob.is_file():
+            blob.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def _read_manifest(path: Path, where: str) -> dict[str, Any]:
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise BundleError(f"{where}: cannot read {MANIFEST}: {e}") from None
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{where}: {MANIFEST} is not a JSON object")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(f"{where} holds a bundle of format version {version}; this stadapter ({__version__}) "
+                          f"reads version {FORMAT_VERSION}")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(
+            isinstance(e, dict) and isinstance(e.get("sha256"), str) and isinstance(e.get("size"), int)
+            for e in files.values()):
+        raise BundleError(f"{where}: {MANIFEST} does not list files with sha256 and size")
+    return manifest
+
+
+def pull(repo: str, revision: str | None = None, *, endpoint: str | None = None, token: str | None = None,
+         dest: str | Path | None = None, cache_dir: str | Path | None = None, commit: str | None = None,
+         timeout: float = DEFAULT_TIMEOUT) -> PullResult:
+    """Download ``repo`` at ``revision`` (tag, branch or sha; default main) into ``dest`` (absent or empty;
+    default ``$STADAPTER_HOME/hub/bundles/ORG--NAME/COMMIT``) and return it verified.
+
+    The revision is resolved to one commit first and only that commit is read. Refused, naming the file, with
+    ``dest`` left untouched: pickles, files not in the manifest, a manifest of another format version, a
+    missing listed file, a file whose size or sha256 differs from the manifest, content that does not fit
+    the file name. With HF_HUB_OFFLINE=1 the revision and files come from the local cache only.
+
+    commit: the sha ``revision`` was already resolved to (by :func:`resolve_revision`), to pin exactly that
+    commit even if the revision moves in between."""
+    check_repo_id(repo)
+    revision = revision or "main"
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    offline = is_offline()
+    hub = _Hub(endpoint, token, timeout)
+    if commit is not None and not SHA_RE.match(commit):
+        raise HubError(f"pull {repo}: commit must be a full 40-character sha, got {commit!r}")
+    if offline:
+        commit = commit or _cached_commit(cache, repo, revision)
+        remote: set[str] | None = None
+    else:
+        resolved, siblings = hub.snapshot(repo, commit or revision)
+        if commit is not None and resolved != commit:
+            raise HubError(f"pull {repo}@{commit}: the Hub at {hub.endpoint} answered with commit {resolved}")
+        commit, remote = resolved, set(siblings)
+    where = f"{repo}@{revision}" + (f" (commit {commit[:12]})" if revision != commit else "")
+
+    if remote is not None:
+        pickles = sorted(n for n in remote if n.lower().endswith(PICKLE_SUFFIXES))
+        if pickles:
+            raise BundleError(f"{where}: refusing pickle file(s) {', '.join(pickles)}")
+        if MANIFEST not in remote:
+            raise BundleError(f"{where} is not a stadapter bundle: it has no {MANIFEST}")
+    manifest_path = hub.download(repo, MANIFEST, commit, cache, offline)
+    manifest = _read_manifest(manifest_path, where)
+    listed: dict[str, dict[str, Any]] = manifest["files"]
+    bad_names = sorted(n for n in listed if "/" in n or "\\" in n or n.startswith(".") or n == MANIFEST)
+    if bad_names:
+        raise BundleError(f"{where}: {MANIFEST} lists unsafe file name(s) {', '.join(bad_names)}")
+    check_file_names(set(listed), f"{where} {MANIFEST}")
+    if remote is not None:
+        unlisted = sorted(remote - set(listed) - {MANIFEST} - IGNORED_REMOTE)
+        if unlisted:
+            raise BundleError(f"{where}: refusing file(s) not in the manifest: {', '.join(unlisted)}")
+        missing = sorted(set(listed) - remote)
+        if missing:
+            raise BundleError(f"{where}: file(s) listed in the manifest are missing: {', '.join(missing)}")
+
+    dest = Path(dest) if dest is not None else cache.parent / "bundles" / repo.replace("/", "--") / commit
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        if dest.is_dir() and _same_bundle(dest, manifest_path):
+            return PullResult(repo, revision, commit, dest, listed, offline)
+        raise BundleError(f"{dest} exists and is not an empty directory")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        for name, entry in sorted(listed.items()):
+            path = hub.download(repo, name, commit, cache, offline)
+            size = path.stat().st_size
+            if size != entry["size"] or sha256_file(path) != entry["sha256"]:
+                _forget(path)
+                sizes = f"; {size} bytes, {entry['size']} expected" if size != entry["size"] else ""
+                raise BundleError(f"{where}: {name} does not match its sha256 in the manifest (changed on the "
+                                  f"Hub or corrupt{sizes}); nothing was pulled")
+            check_content(path, name, where)
+            shutil.copyfile(path, staging / name)
+        shutil.copyfile(manifest_path, staging / MANIFEST)
+        verify_bundle(staging)  # the staged copy, once more, as the registry will see it
+        _check_config(staging, where)
+        if dest.exists():
+            dest.rmdir()
+        os.replace(staging, dest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if not offline:
+        _remember_ref(cache, repo, revision, commit)
+    return PullResult(repo, revision, commit, dest, listed, offline)
+
+
+def _same_bundle(directory: Path, manifest_path: Path) -> bool:
+    try:
+        if (directory / MANIFEST).read_bytes() != manifest_path.read_bytes():
+            return False
+        verify_bundle(directory)
+        return True
+    except (OSError, BundleError):
+        return False
+
+
+def _check_config(directory: Path, where: str) -> None:
+    from stadapter.bundle import CONFIG
+
+    config = json.loads((directory / CONFIG).read_text())
+    if not isinstance(config, dict):
+        raise BundleError(f"{where}: {CONFIG} is not a JSON object")
+    if config.get("format_version") != FORMAT_VERSION:
+        raise BundleError(f"{where} holds a bundle of format version {config.get('format_version')}; this "
+                          f"stadapter ({__version__}) reads version {FORMAT_VERSION}")
+
+
+__all__ = ["DEFAULT_ENDPOINT", "DEFAULT_TIMEOUT", "PullResult", "PushResult", "check_content", "check_repo_id",
+           "default_cache_dir", "is_offline", "parse_repo_ref", "pull", "push", "resolve_endpoint",
+           "resolve_revision", "resolve_token"]

@@ -8,6 +8,8 @@ from stadapter import __version__
 from stadapter.cli import model
 from stadapter.cli import data
 from stadapter.cli import hub as hub_cli
+from stadapter.cli import predict as predict_cli
+from stadapter.cli import serve as serve_cli
 
 app = typer.Typer(
     name="stadapter",
@@ -19,6 +21,8 @@ app = typer.Typer(
 )
 
 app.command("model-info")(model.model_info)
+app.command("predict")(predict_cli.predict)
+app.command("serve")(serve_cli.serve)
 app.add_typer(data.app, name="data")
 hub_cli.register(app)  # push, pull
 

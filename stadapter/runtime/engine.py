@@ -1,0 +1,384 @@
+"""One frozen backbone, many tasks: resolve tasks through the registry and run mixed-task batches.
+
+The engine loads the backbone once (half precision on CUDA, float32 on the CPU) and keeps every task's adapter
+set in an :class:`~stadapter.runtime.pool.AdapterPool`. A batch may mix tasks: clips are grouped by task (and
+by frame count), the backbone runs ONCE over all clips of a frame-count group, and its adapter hook applies
+each task's adapters to that task's rows of the batch only; after the last block each task's clips are pooled,
+normed and put through that task's head. The frozen matmuls (~92% of the FLOPs) are shared by every task in
+the batch. Tasks may differ in classes, adapter width, kernel, positions, blocks and activation. A task that
+replaces backbone tensors (bitfit / partial / full baselines) gets a backbone pass of its own.
+
+    engine = Engine.open(open_registry(), tasks=["k400", "ssv2"])
+    k400, ssv2 = engine.resolve("k400"), engine.resolve("ssv2")
+    probs = engine.predict([(views_a, k400), (views_b, ssv2)])  # softmax averaged over each clip's views
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from stadapter.config import AdapterConfig, TaskSpec
+from stadapter.errors import AdapterSetError, BundleError, InputError
+from stadapter.model.adapter import st_adapter
+from stadapter.model.backbone import Backbone, swapped_parameters
+from stadapter.model.video_vit import VideoViT, check_adapter_set
+from stadapter.runtime.pool import AdapterPool, ResidentSet, SetSource
+from stadapter.training.metrics import average_views
+
+TENSORS_FILE = "adapter.safetensors"
+
+
+@dataclass(frozen=True, eq=False)
+class TaskHandle:
+    """A resolved task version the engine can run."""
+
+    ref: str  # what was asked for: "k400", "k400:3", "k400@staging"
+    info: Any  # stadapter.registry.VersionInfo
+    adapter: AdapterConfig
+    spec: TaskSpec
+    labels: tuple[str, ...]
+    expected: Mapping[str, tuple[int, ...]]
+
+    @property
+    def key(self) -> int:
+        return self.info.id
+
+    @property
+    def name(self) -> str:
+        return self.info.ref  # "task:version"
+
+    @property
+    def task(self) -> str:
+        return self.info.task
+
+    @property
+    def num_frames(self) -> int:
+        return self.spec.num_frames
+
+    @property
+    def num_classes(self) -> int:
+        return self.adapter.num_classes
+
+
+@dataclass
+class _Resolved:
+    handle: TaskHandle
+    expires: float
+
+
+def pick_device(device: str | None) -> torch.device:
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {device!r} was asked for, but torch sees no CUDA device")
+    return dev
+
+
+def device_name(device: str | torch.device) -> str:
+    """A human name of the device, for reports: the GPU's name, or the CPU model and core count."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return f"{torch.cuda.get_device_name(dev)} (CUDA {torch.version.cuda})"
+    model = platform.processor() or ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"CPU {model or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+class Engine:
+    """A frozen backbone on one device, a pool of adapter sets, and the mixed-task forward. See the module
+    docstring. ``forward``/``predict`` are meant to be called from one thread (the one that owns the model);
+    ``resolve`` and ``prefetch`` may be called from any thread."""
+
+    def __init__(self, backbone: Backbone, registry: Any, *, device: str | torch.device | None = "cpu",
+                 dtype: torch.dtype | None = None, max_resident: int | None = 64,
+                 max_resident_bytes: int | None = None, host_max_bytes: int | None = 8 << 30,
+                 alias_ttl: float | None = None, mmap: bool | None = None, compile: str | None = None,
+                 prefetch_workers: int = 1) -> None:
+        self.device = pick_device(device) if not isinstance(device, torch.device) else device
+        self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
+        self.fingerprint = backbone.fingerprint()  # computed in fp32 by load_backbone, before any cast
+        self.backbone = backbone.freeze().to(self.device, self.dtype)
+        self.registry = registry
+        self.alias_ttl = alias_ttl
+        self.pool = AdapterPool(self.device, self.dtype, max_sets=max_resident, max_bytes=max_resident_bytes,
+                                host_max_bytes=host_max_bytes, mmap=mmap, workers=prefetch_workers)
+        self.swaps = 0
+        self.batches = 0
+        self._last_key: int | None = None
+        self._resolved: dict[str, _Resolved] = {}
+        self._handles: dict[tuple[str, int], TaskHandle] = {}
+        self._paths: dict[int, tuple[Path, tuple[int, int, int, int]]] = {}
+        self._lock = threading.RLock()
+        self._compiled = None
+        if compile:
+            from stadapter.runtime.compiled import CompiledBackbone
+
+            if self.device.type != "cuda":
+                raise InputError("the compiled path (--compile) runs on CUDA only")
+            self._compiled = CompiledBackbone(self.backbone, mode=compile, slots=max_resident or 64)
+
+    # -- construction ------------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, registry: Any, backbone: str | None = None, weights: str | None = None,
+             tasks: Sequence[str] = (), device: str | None = "auto", **kwargs: Any) -> "Engine":
+        """Load the backbone (by default the one the first task's bundle was trained on) and build an engine.
+        ``tasks`` are resolved at once, so an unknown task or a bundle of another backbone fails here."""
+        from stadapter.model.loading import load_backbone
+
+        if backbone is None:
+            if not tasks:
+                from stadapter.cli.common import DEFAULT_BACKBONE
+
+                backbone = DEFAULT_BACKBONE
+            else:
+                info = registry.resolve(tasks[0])
+                backbone = info.backbone_spec
+                weights = weights if weights is not None else (info.backbone_weights or None)
+        engine = cls(load_backbone(backbone, weights), registry, device=device, **kwargs)
+        for ref in tasks:
+            engine.resolve(ref)
+        return engine
+
+    def describe(self) -> dict[str, Any]:
+        return {"device": str(self.device), "device_name": device_name(self.device),
+                "dtype": str(self.dtype).replace("torch.", ""), "backbone": str(self.backbone.spec),
+                "backbone_weights": getattr(self.backbone, "weights", None), "fingerprint": self.fingerprint,
+                "compiled": self._compiled.mode if self._compiled else None}
+
+    def close(self) -> None:
+        self.pool.close()
+
+    # -- tasks -------------------------------------------------------------------------------------------
+    def resolve(self, ref: str, refresh: bool = False) -> TaskHandle:
+        """The task version ``ref`` names, refusing one trained on another backbone. Aliases and bare task
+        names are re-resolved after ``alias_ttl`` seconds (None: never); ``task:N`` never changes."""
+        from stadapter.registry import parse_ref
+
+        now = time.monotonic()
+        with self._lock:
+            hit = self._resolved.get(ref)
+            if hit is not None and not refresh and now < hit.expires:
+                return hit.handle
+        info = self.registry.resolve(ref, fingerprint=self.fingerprint)
+        _, number, _ = parse_ref(ref)
+        pinned = number is not None and number > 0
+        expires = float("inf") if pinned or self.alias_ttl is None else now + self.alias_ttl
+        with self._lock:
+            handle = self._handles.get((ref, info.id))
+            if handle is None:
+                handle = self._handles[(ref, info.id)] = self._make_handle(ref, info)
+            self._resolved[ref] = _Resolved(handle, expires)
+            return handle
+
+    def _make_handle(self, ref: str, info: Any) -> TaskHandle:
+        config = info.config or {}
+        try:
+            adapter = AdapterConfig.from_dict(config["adapter"])
+            spec = TaskSpec.from_dict(config["spec"])
+        except KeyError as e:
+            raise BundleError(f"{info.ref}: config.json has no {e.args[0]!r} section") from e
+        if len(info.labels) != adapter.num_classes:
+            raise BundleError(f"{info.ref}: {len(info.labels)} labels for a head of {adapter.num_classes} classes")
+        expected = VideoViT(self.backbone, adapter, spec.num_frames).expected_shapes()
+        return TaskHandle(ref, info, adapter, spec, tuple(info.labels), expected)
+
+    def _source(self, handle: TaskHandle) -> SetSource:
+        def check(tensors: Mapping[str, Tensor]) -> None:
+            try:
+                check_adapter_set(handle.expected, tensors)
+            except AdapterSetError as e:
+                raise AdapterSetError(f"{handle.name}: {e}") from e
+
+        return SetSource(handle.key, lambda: self._locate(handle), check, handle.name)
+
+    def _locate(self, handle: TaskHandle) -> Path:
+        """The verified adapter.safetensors of a version: materialized (every file's sha256 checked) once per
+        process, then reused while the file's inode, size and times are unchanged."""
+        cached = self._paths.get(handle.key)
+        if cached is not None and _stat(cached[0]) == cached[1]:
+            return cached[0]
+        path = Path(self.registry.materialize(handle.info)) / TENSORS_FILE
+        self._paths[handle.key] = (path, _stat(path))
+        return path
+
+    def prefetch(self, handle: TaskHandle | str) -> None:
+        """Start making the task's set resident in the background (when a request arrives)."""
+        h = self.resolve(handle) if isinstance(handle, str) else handle
+        self.pool.prefetch(self._source(h))
+
+    def acquire(self, handle: TaskHandle) -> ResidentSet:
+        """The task's resident set (loaded on a miss). Binding it copies no tensor."""
+        return self.pool.get(self._source(handle))
+
+    # -- forward -----------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, clips: Sequence[Tensor] | Tensor, handles: Sequence[TaskHandle]) -> list[Tensor]:
+        """clips[i] (T_i, 3, H, W), normalised, for task handles[i] -> logits[i] (C_i,), float32 on the CPU.
+
+        One backbone pass per frame count over every clip of the batch (tasks that replace backbone tensors
+        get their own pass); each task's adapters see only its own clips."""
+        n = len(clips)
+        if n != len(handles):
+            raise InputError(f"{n} clips for {len(handles)} task handles")
+        if n == 0:
+            return []
+        sets: dict[int, ResidentSet] = {}
+        for h in handles:
+            if h.key not in sets:
+                sets[h.key] = self.acquire(h)
+        H, W = self.backbone.image_size
+        for i, (c, h) in enumerate(zip(clips, handles)):
+            if c.dim() != 4 or tuple(c.shape[1:]) != (3, H, W) or c.shape[0] != h.num_frames:
+                raise InputError(f"clip {i} has shape {tuple(c.shape)}; task {h.name} expects "
+                                 f"({h.num_frames}, 3, {H}, {W})")
+        # Group: frame count, then tasks with backbone overrides alone; clips of one task contiguous.
+        def group_key(i: int) -> tuple[int, int]:
+            h = handles[i]
+            return (h.num_frames, h.key if sets[h.key].overrides else -1)
+
+        order = sorted(range(n), key=lambda i: (group_key(i), handles[i].key, i))
+        out: list[Tensor | None] = [None] * n
+        start = 0
+        while start < n:
+            gk = group_key(order[start])
+            end = start
+            while end < n and group_key(order[end]) == gk:
+                end += 1
+            idx = order[start:end]
+            logits = self._run_group([clips[i] for i in idx], [handles[i] for i in idx], sets)
+            for row, i in enumerate(idx):
+                out[i] = logits[row]
+            start = end
+        self.batches += 1
+        return out  # type: ignore[return-value]
+
+    def _run_group(self, clips: list[Tensor], handles: list[TaskHandle], sets: dict[int, ResidentSet]) -> list[Tensor]:
+        T = handles[0].num_frames
+        bb = self.backbone
+        x = torch.stack(clips)  # (N, T, 3, H, W)
+        N = x.shape[0]
+        images = x.reshape(N * T, *x.shape[2:]).to(self.device, self.dtype, non_blocking=True)
+        # segments: (first clip, end clip, set, handle), one per run of equal task
+        segments: list[tuple[int, int, ResidentSet, TaskHandle]] = []
+        for i, h in enumerate(handles):
+            if segments and segments[-1][3].key == h.key:
+                a, _, rs, hh = segments[-1]
+                segments[-1] = (a, i + 1, rs, hh)
+            else:
+                segments.append((i, i + 1, sets[h.key], h))
+        for _, _, rs, _ in segments:
+            if rs.key != self._last_key:
+                self.swaps += 1
+                self._last_key = rs.key
+        overrides = segments[0][2].overrides  # non-empty only for a group of one such task
+        if self._compiled is not None and not overrides:
+            tokens = self._compiled.run(images, T, segments)
+        else:
+            ctx = swapped_parameters(bb, overrides) if overrides else contextlib.nullcontext()
+            with ctx:
+                tokens = bb(images, self._hook(T, segments))  # (N*T, P + HW, C)
+        tokens = tokens.reshape(N, T, *tokens.shape[1:])  # (N, T, L, C)
+        out: list[Tensor] = []
+        for a, b, rs, h in segments:
+            tok = tokens[a:b]
+            if h.adapter.pool == "cls":
+                pooled = tok[:, :, 0].mean(dim=1)  # (n, C)
+            else:
+                pooled = tok[:, :, bb.num_prefix:].mean(dim=(1, 2))
+            ctx = swapped_parameters(bb, rs.overrides) if rs.overrides else contextlib.nullcontext()
+            with ctx:
+                feats = bb.final_norm(pooled).float()
+            logits = F.linear(feats, rs.tensors["head.weight"].float(), rs.tensors["head.bias"].float())
+            out.extend(logits.cpu().unbind(0))
+        return out
+
+    def _hook(self, T: int, segments: list[tuple[int, int, ResidentSet, TaskHandle]]):
+        bb = self.backbone
+        grid, prefix = bb.grid, bb.num_prefix
+        if len(segments) == 1:
+            _, _, rs, h = segments[0]
+            if not rs.slots:
+                return None
+            slots, act = rs.slots, h.adapter.activation
+
+            def single(i: int, pos: str, x: Tensor) -> Tensor:
+                w = slots.get((i, pos))
+                return x if w is None else st_adapter(x, w, T, grid, prefix, act)
+
+            return single
+        rows = [(a * T, b * T, rs.slots, h.adapter.activation) for a, b, rs, h in segments]
+        if not any(slots for _, _, slots, _ in rows):
+            return None
+
+        def mixed(i: int, pos: str, x: Tensor) -> Tensor:  # x: (N*T, L, C), each task's rows contiguous
+            parts, touched = [], False
+            for a, b, slots, act in rows:
+                w = slots.get((i, pos))
+                if w is None:
+                    parts.append(x[a:b])
+                else:
+                    parts.append(st_adapter(x[a:b], w, T, grid, prefix, act))
+                    touched = True
+            return torch.cat(parts) if touched else x
+
+        return mixed
+
+    def predict(self, requests: Sequence[tuple[Tensor, TaskHandle]]) -> list[Tensor]:
+        """[(views (V, T, 3, H, W), task)] -> per request the class probabilities (C,): the softmax of each
+        view's logits, averaged over the views (multi-view testing)."""
+        clips: list[Tensor] = []
+        handles: list[TaskHandle] = []
+        counts = []
+        for views, h in requests:
+            if views.dim() != 5:
+                raise InputError(f"views must be (V, T, 3, H, W), got {tuple(views.shape)}")
+            clips.extend(views.unbind(0))
+            handles.extend([h] * views.shape[0])
+            counts.append(views.shape[0])
+        logits = self.forward(clips, handles)
+        out, k = [], 0
+        for v in counts:
+            out.append(average_views(torch.stack(logits[k:k + v])[None])[0])  # (C,)
+            k += v
+        return out
+
+    def clip_views(self, path: str | Path, handles: Sequence[TaskHandle]) -> list[Tensor]:
+        """Each task's test views of one clip, decoding the clip once."""
+        from stadapter.runtime.inputs import clip_views
+
+        return clip_views(path, [h.spec for h in handles], self.backbone.image_size[0], self.backbone.mean,
+                          self.backbone.std)
+
+
+def top_k(probs: Tensor, labels: Sequence[str], k: int) -> list[tuple[str, float]]:
+    k = max(1, min(k, probs.numel()))
+    values, indices = probs.topk(k)
+    return [(labels[int(i)], float(v)) for v, i in zip(values, indices)]
+
+
+def _stat(path: Path) -> tuple[int, int, int, int]:
+    try:
+        st = path.stat()
+    except OSError:
+        return (-1, -1, -1, -1)
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+__all__ = ["Engine", "TaskHandle", "top_k", "pick_device", "device_name"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from stadapter import __version__
-from stadapter.cli import model
+from stadapter.cli import model, registry
 from stadapter.cli import data
 from stadapter.cli import hub as hub_cli
 from stadapter.cli import predict as predict_cli
@@ -24,6 +24,7 @@ app.command("model-info")(model.model_info)
 app.command("predict")(predict_cli.predict)
 app.command("serve")(serve_cli.serve)
 app.add_typer(data.app, name="data")
+registry.register(app)  # db, ls, show, alias, rm, export, import, gc
 hub_cli.register(app)  # push, pull
 
 

@@ -1,0 +1,706 @@
+"""The Registry API: register bundles as numbered versions of a task, resolve references, materialize verified
+bundle directories, and keep aliases, tags, Hub locations and lineage.
+
+    reg = open_registry()                         # $STADAPTER_DB, else SQLite in $STADAPTER_HOME
+    info = reg.register(Path("runs/ssv2/bundle"))  # -> ssv2:4
+    reg.set_alias("ssv2", "production", 4)
+    bundle = reg.load_bundle("ssv2")              # production, else the latest version; files verified
+
+A registration first verifies the bundle directory against its manifest, then publishes every file into the
+content-addressed blob store (``store.py``), and only then commits the database row, in a transaction that
+allocates the next version number under a lock (a row lock on the task in PostgreSQL, BEGIN IMMEDIATE in
+SQLite). A process killed at any point leaves either no row, or a row whose files are all complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import Engine, delete, func, select, update
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.orm import Session, selectinload
+
+from stadapter.errors import BackboneError, BundleError, RegistryError
+from stadapter.registry import db as dbm
+from stadapter.registry.models import AdapterVersion, Alias, Backbone, Tag, Task, utcnow
+from stadapter.registry.store import BlobStore, fsync_dir, remove_tree
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+PRODUCTION = "production"
+T = TypeVar("T")
+
+
+# -- value objects ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """One registered version of a task, detached from the database."""
+
+    id: int
+    task: str
+    version: int
+    backbone_spec: str
+    backbone_fingerprint: str
+    config: dict[str, Any]
+    labels: list[str]
+    metrics: dict[str, Any] | None
+    files: dict[str, dict[str, Any]]  # name -> {"sha256": ..., "size": ...}
+    hub_repo: str | None
+    hub_commit: str | None
+    hub_tag: str | None
+    source: dict[str, Any] | None
+    parent_id: int | None
+    data: str | None
+    status: str
+    created_at: datetime
+    aliases: list[str]
+    backbone_weights: str | None = None
+    storage: str = ""
+    parent: str | None = None  # the parent's "task:version" while it exists
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.task}:{self.version}"
+
+    @property
+    def size(self) -> int:
+        return sum(int(e["size"]) for e in self.files.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ref"] = self.ref
+        d["created_at"] = self.created_at.isoformat()
+        return d
+
+    def __hash__(self) -> int:
+        return hash((self.id, self.task, self.version))
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    name: str
+    description: str | None
+    recipe: str | None
+    versions: int
+    latest: int | None
+    aliases: dict[str, int]
+    latest_metrics: dict[str, Any] | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# -- references ------------------------------------------------------------------------------------------
+
+def check_name(name: str, what: str) -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise RegistryError(f"invalid {what} name {name!r}: use 1-100 letters, digits, '.', '_' or '-', "
+                            f"starting with a letter or digit")
+    return name
+
+
+def parse_ref(ref: str) -> tuple[str, int | None, str | None]:
+    """"task" -> (task, None, None); "task:3" -> (task, 3, None); "task@staging" -> (task, None, "staging").
+    "task:latest" is the latest version, whatever the aliases say."""
+    bad = RegistryError(f"not a registry reference: {ref!r}; use TASK, TASK:VERSION or TASK@ALIAS")
+    if not isinstance(ref, str) or not ref:
+        raise bad
+    if "@" in ref:
+        task, _, alias = ref.partition("@")
+        if not NAME_RE.match(task) or not NAME_RE.match(alias):
+            raise bad
+        return task, None, alias
+    if ":" in ref:
+        task, _, version = ref.partition(":")
+        if not NAME_RE.match(task):
+            raise bad
+        if version == "latest":
+            return task, -1, None
+        v = version[1:] if version[:1] in ("v", "V") else version
+        if not v.isdigit() or int(v) < 1:
+            raise bad
+        return task, int(v), None
+    if not NAME_RE.match(ref):
+        raise bad
+    return ref, None, None
+
+
+# -- the registry ------------------------------------------------------------------------------------------
+
+class Registry:
+    """Versions of every task's adapter bundle: a database (metadata) plus a blob store (files).
+
+    Use :func:`open_registry` rather than the constructor; close it (or use it as a context manager) to
+    release the database connections.
+    """
+
+    def __init__(self, engine: Engine, home: Path, url: str | None = None, store: Path | None = None) -> None:
+        self.engine = engine
+        self.home = Path(home)
+        self.url = url or engine.url.render_as_string(hide_password=False)
+        root = Path(store) if store is not None else dbm.store_dir(self.home, self.url)
+        self.blobs = BlobStore(root / "blobs")
+        self.cache = root / "bundles"
+        self._writer = engine.execution_options(sqlite_begin="IMMEDIATE")
+
+    def __repr__(self) -> str:
+        return f"Registry({dbm.redact(self.url)!r}, home={str(self.home)!r})"
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- sessions ----------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _tx(self, write: bool = False) -> Iterator[Session]:
+        """One transaction; commits on success. Database failures become RegistryError, except the transient
+        ones (deadlock, serialization failure, a locked SQLite file) that ``_retry`` retries."""
+        try:
+            with Session(self._writer if write else self.engine, expire_on_commit=False) as s, s.begin():
+                yield s
+        except OperationalError as e:
+            if _transient(e):
+                raise
+            raise RegistryError(f"registry database {dbm.redact(self.url)}: {_first_line(e.orig)}") from e
+
+    def _retry(self, fn: Callable[[], T], attempts: int = 8, integrity: bool = False) -> T:
+        """Run a transaction function again after a transient failure (and, with ``integrity``, after a
+        unique violation caused by a concurrent insert)."""
+        for i in range(attempts):
+            try:
+                return fn()
+            except DBAPIError as e:
+                again = _transient(e) or (integrity and isinstance(e, IntegrityError))
+                if not again or i == attempts - 1:
+                    if isinstance(e, OperationalError):
+                        raise RegistryError(f"registry database {dbm.redact(self.url)}: "
+                                            f"{_first_line(e.orig)}") from e
+                    raise
+                time.sleep(0.05 * (i + 1))
+        raise AssertionError("unreachable")
+
+    # -- registering -------------------------------------------------------------------------------------
+    def register(self, bundle_dir: Path, *, task: str | None = None, source: dict[str, Any] | None = None,
+                 parent: VersionInfo | None = None, data: str | None = None) -> VersionInfo:
+        """Verify the bundle directory, publish its files into the blob store, and record it as the next
+        version of ``task`` (default: the task named in its config.json).
+
+        source: lineage, e.g. ``{"kind": "train"}`` or ``{"kind": "hub", "repo": ..., "commit": ...}``; a Hub
+        source also records the Hub location (see :meth:`find_by_source`). parent: the version this one was
+        trained from. data: a description of the training data (default: the config's ``extra.data``).
+        """
+        from stadapter.bundle import CONFIG, LABELS, MANIFEST, METRICS, verify_bundle
+
+        bundle_dir = Path(bundle_dir)
+        if not bundle_dir.is_dir():
+            raise BundleError(f"bundle directory {bundle_dir} does not exist")
+        manifest = verify_bundle(bundle_dir)
+        listed: dict[str, dict[str, Any]] = manifest["files"]
+        raw_manifest = (bundle_dir / MANIFEST).read_bytes()
+        if json.loads(raw_manifest).get("files") != listed:
+            raise BundleError(f"bundle {bundle_dir}: {MANIFEST} changed while it was being registered")
+        files = {name: {"sha256": e["sha256"], "size": int(e["size"])} for name, e in sorted(listed.items())}
+        files[MANIFEST] = {"sha256": hashlib.sha256(raw_manifest).hexdigest(), "size": len(raw_manifest)}
+
+        config = _read_json(bundle_dir, CONFIG, files)
+        labels = _read_json(bundle_dir, LABELS, files)
+        metrics = _read_json(bundle_dir, METRICS, files) if METRICS in files else None
+        if not isinstance(config, dict):
+            raise BundleError(f"bundle {bundle_dir}: {CONFIG} is not a JSON object")
+        name = check_name(task or config.get("task") or "", "task")
+        backbone = config.get("backbone") or {}
+        fingerprint = backbone.get("fingerprint")
+        if not fingerprint:
+            raise BundleError(f"bundle {bundle_dir}: {CONFIG} names no backbone fingerprint")
+        extra = config.get("extra") or {}
+        if data is None and extra.get("data") is not None:
+            data = extra["data"] if isinstance(extra["data"], str) else json.dumps(extra["data"], sort_keys=True)
+        hub = (source or {}).get("kind") == "hub"
+        recipe = extra.get("recipe") if isinstance(extra.get("recipe"), str) else None
+
+        with self.blobs.using():
+            for fname, entry in files.items():
+                self.blobs.put(bundle_dir / fname, entry["sha256"], entry["size"])
+
+            def insert() -> VersionInfo:
+                with self._tx(write=True) as s:
+                    backbone_id = _ensure(s, Backbone, {"fingerprint": fingerprint},
+                                          {"spec": str(backbone.get("spec") or "?"),
+                                           "weights": _opt_str(backbone.get("weights"))})
+                    task_id = _ensure(s, Task, {"name": name}, {"recipe": recipe, "last_version": 0})
+                    if parent is not None and s.get(AdapterVersion, parent.id) is None:
+                        raise RegistryError(f"parent version {parent.ref} is no longer in the registry")
+                    # Takes the task row's lock (PostgreSQL) until commit; SQLite holds the database lock.
+                    number = s.execute(
+                        update(Task).where(Task.id == task_id).values(last_version=Task.last_version + 1)
+                        .returning(Task.last_version), execution_options={"synchronize_session": False},
+                    ).scalar_one()
+                    row = AdapterVersion(
+                        task_id=task_id, version=number, backbone_id=backbone_id, config=config, labels=labels,
+                        metrics=metrics, files=files, storage=self.blobs.uri, source=source,
+                        hub_repo=source.get("repo") if hub and source else None,
+                        hub_commit=source.get("commit") if hub and source else None,
+                        hub_tag=source.get("tag") if hub and source else None,
+                        parent_id=parent.id if parent is not None else None, data=data, status="ready",
+                        created_at=utcnow())
+                    s.add(row)
+                    s.flush()
+                    return self._load(s, row.id)
+
+            # A unique violation means another process created the same task or backbone concurrently
+            # (PostgreSQL): the retry finds its row.
+            return self._retry(insert, integrity=True)
+
+    # -- reading -----------------------------------------------------------------------------------------
+    def resolve(self, ref: str, fingerprint: str | None = None) -> VersionInfo:
+        """``task`` (its production alias, else the latest version), ``task:3``, ``task:latest`` or
+        ``task@alias``. With ``fingerprint``, refuse a version trained on another backbone."""
+        name, number, alias = parse_ref(ref)
+        with self._tx() as s:
+            task = self._task(s, name)
+            if alias is not None:
+                row = s.scalar(select(Alias).where(Alias.task_id == task.id, Alias.name == alias))
+                if row is None:
+                    names = s.scalars(select(Alias.name).where(Alias.task_id == task.id).order_by(Alias.name)).all()
+                    raise RegistryError(f"task {name!r} has no alias {alias!r} (aliases: "
+                                        f"{', '.join(names) or 'none'})")
+                version_id = row.version_id
+            elif number is not None and number > 0:
+                version_id = s.scalar(select(AdapterVersion.id).where(AdapterVersion.task_id == task.id,
+                                                                      AdapterVersion.version == number))
+                if version_id is None:
+                    raise RegistryError(f"task {name!r} has no version {number} (versions: "
+                                        f"{_ranges(self._numbers(s, task.id))})")
+            else:
+                version_id = None
+                if number is None:
+                    version_id = s.scalar(select(Alias.version_id).where(Alias.task_id == task.id,
+                                                                         Alias.name == PRODUCTION))
+                if version_id is None:
+                    version_id = s.scalar(select(AdapterVersion.id).where(AdapterVersion.task_id == task.id)
+                                          .order_by(AdapterVersion.version.desc()).limit(1))
+                if version_id is None:
+                    raise RegistryError(f"task {name!r} has no versions")
+            info = self._load(s, version_id)
+            if fingerprint is not None and info.backbone_fingerprint != fingerprint:
+                fits = s.scalars(select(AdapterVersion.version).join(Backbone)
+                                 .where(AdapterVersion.task_id == task.id, Backbone.fingerprint == fingerprint)
+                                 .order_by(AdapterVersion.version)).all()
+                raise BackboneError(
+                    f"{info.ref} ({ref}) was trained on backbone {info.backbone_spec} (weights "
+                    f"{info.backbone_weights}, fingerprint {info.backbone_fingerprint}), but the running backbone "
+                    f"has fingerprint {fingerprint}; versions of {name} trained on it: {_ranges(fits) or 'none'}")
+        return info
+
+    def get(self, version_id: int) -> VersionInfo:
+        return self._info(version_id)
+
+    def list_tasks(self) -> list[TaskInfo]:
+        with self._tx() as s:
+            out = []
+            for task in s.scalars(select(Task).order_by(Task.name)):
+                count, latest = s.execute(select(func.count(AdapterVersion.id), func.max(AdapterVersion.version))
+                                          .where(AdapterVersion.task_id == task.id)).one()
+                aliases = {a: v for a, v in s.execute(
+                    select(Alias.name, AdapterVersion.version)
+                    .join(AdapterVersion, Alias.version_id == AdapterVersion.id)
+                    .where(Alias.task_id == task.id).order_by(Alias.name))}
+                metrics = None
+                if latest is not None:
+                    metrics = s.scalar(select(AdapterVersion.metrics).where(AdapterVersion.task_id == task.id,
+                                                                            AdapterVersion.version == latest))
+                out.append(TaskInfo(task.name, task.description, task.recipe, count, latest, aliases, metrics))
+            return out
+
+    def list_versions(self, task: str) -> list[VersionInfo]:
+        with self._tx() as s:
+            t = self._task(s, check_name(task, "task"))
+            rows = s.scalars(self._query().where(AdapterVersion.task_id == t.id).order_by(AdapterVersion.version))
+            return [self._to_info(s, r) for r in rows]
+
+    def find_by_source(self, repo: str, commit: str, task: str | None = None) -> VersionInfo | None:
+        """A version pulled from (or pushed to) ``repo`` at ``commit``, so pulling the same commit twice is a
+        no-op. The earliest match wins; ``task`` narrows the search."""
+        with self._tx() as s:
+            q = select(AdapterVersion.id).where(AdapterVersion.hub_repo == repo, AdapterVersion.hub_commit == commit)
+            if task is not None:
+                q = q.join(Task).where(Task.name == task)
+            ids = set(s.scalars(q))
+            # A pulled version pushed elsewhere later keeps its origin only in ``source``.
+            q = select(AdapterVersion.id, AdapterVersion.source).where(AdapterVersion.source.is_not(None))
+            if task is not None:
+                q = q.join(Task).where(Task.name == task)
+            for vid, src in s.execute(q):
+                if isinstance(src, dict) and src.get("repo") == repo and src.get("commit") == commit:
+                    ids.add(vid)
+            return self._load(s, min(ids)) if ids else None
+
+    # -- files -------------------------------------------------------------------------------------------
+    def materialize(self, info: VersionInfo | str, dest: Path | None = None) -> Path:
+        """A bundle directory holding ``info``'s files, each checked against its sha256.
+
+        Without ``dest``: a cache directory under ``$STADAPTER_HOME/bundles`` (read-only hard links to the
+        blobs where possible), reused while its files stay intact. With ``dest`` (absent or empty): a
+        writable copy, e.g. to export or push."""
+        info = self._as_info(info)
+        if dest is not None:
+            dest = Path(dest)
+            if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+                raise RegistryError(f"{dest} exists and is not an empty directory")
+            self._build(info, dest, link=False)
+            return dest
+        dest = self._cache_dir(info)
+        if dest.is_dir():
+            if self._intact(info, dest):
+                return dest
+            remove_tree(dest)
+        self._build(info, dest, link=True)
+        return dest
+
+    def load_bundle(self, ref_or_info: str | VersionInfo, fingerprint: str | None = None):  # -> Bundle
+        """The version's bundle, loaded from verified files (``stadapter.bundle.Bundle``)."""
+        from stadapter.bundle import Bundle
+
+        info = self.resolve(ref_or_info, fingerprint) if isinstance(ref_or_info, str) else ref_or_info
+        if fingerprint is not None and info.backbone_fingerprint != fingerprint:
+            self.resolve(info.ref, fingerprint)  # raises, naming both fingerprints
+        path = self.materialize(info)
+        bundle = Bundle.load(path, verify=False)  # materialize() just checked every file's sha256
+        bundle.task = info.task
+        return bundle
+
+    def _store_with(self, info: VersionInfo, sha256: str) -> BlobStore:
+        """This registry's blob store, or the one the version was published into (another STADAPTER_HOME on
+        a shared file system) when only that one has the blob."""
+        if self.blobs.path(sha256).is_file() or not info.storage.startswith("file:"):
+            return self.blobs
+        from urllib.parse import unquote, urlparse
+
+        other = BlobStore(Path(unquote(urlparse(info.storage).path)))
+        return other if other.path(sha256).is_file() else self.blobs
+
+    def _cache_dir(self, info: VersionInfo) -> Path:
+        return self.cache / info.task / f"{info.version}-{_files_digest(info.files)}"
+
+    def _intact(self, info: VersionInfo, directory: Path) -> bool:
+        present = {f.name for f in directory.iterdir()}
+        return present == set(info.files) and all(
+            self.blobs.check(directory / n, e["sha256"], int(e["size"])) for n, e in info.files.items())
+
+    def _build(self, info: VersionInfo, dest: Path, link: bool) -> None:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with self.blobs.using():  # gc waits; it would take this half-built directory for a stale one
+            self._build_locked(info, dest, link)
+
+    def _build_locked(self, info: VersionInfo, dest: Path, link: bool) -> None:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+        try:
+            for name, entry in sorted(info.files.items()):
+                self._store_with(info, entry["sha256"]).export(entry["sha256"], int(entry["size"]), tmp / name,
+                                                               f"{info.ref}: {name}", link=link)
+            if not link:
+                for f in tmp.iterdir():
+                    _fsync_file(f)
+            if dest.is_dir():
+                with contextlib.suppress(OSError):
+                    dest.rmdir()  # an empty export target; a cache directory another process just built stays
+            try:
+                os.rename(tmp, dest)
+            except OSError:
+                # Another process materialized the same version first; keep its directory if intact.
+                if not (dest.is_dir() and self._intact(info, dest)):
+                    raise
+                remove_tree(tmp)
+            fsync_dir(dest.parent)
+        except BaseException:
+            if tmp.exists():
+                remove_tree(tmp)
+            raise
+
+    # -- changing ----------------------------------------------------------------------------------------
+    def set_alias(self, task: str, name: str, version: int | str | VersionInfo) -> VersionInfo:
+        """Point ``task@name`` at a version (a number, a reference, or a VersionInfo of that task)."""
+        check_name(name, "alias")
+        if name.isdigit() or name == "latest":
+            raise RegistryError(f"alias name {name!r} would read as a version; choose another")
+        if isinstance(version, VersionInfo):
+            info = version
+        elif isinstance(version, int) or (isinstance(version, str) and version.isdigit()):
+            info = self.resolve(f"{task}:{int(version)}")
+        else:
+            info = self.resolve(version)
+        if info.task != task:
+            raise RegistryError(f"alias {task}@{name} cannot point at {info.ref}, a version of another task")
+
+        def write() -> None:
+            with self._tx(write=True) as s:
+                task_id = self._task(s, task).id
+                if s.get(AdapterVersion, info.id) is None:
+                    raise RegistryError(f"{info.ref} is no longer in the registry")
+                row = s.scalar(select(Alias).where(Alias.task_id == task_id, Alias.name == name))
+                if row is None:
+                    s.add(Alias(task_id=task_id, name=name, version_id=info.id, updated_at=utcnow()))
+                else:
+                    row.version_id = info.id
+                    row.updated_at = utcnow()
+
+        self._retry(write)
+        return self._info(info.id)
+
+    def remove_alias(self, task: str, name: str) -> None:
+        def write() -> None:
+            with self._tx(write=True) as s:
+                task_id = self._task(s, task).id
+                n = s.execute(delete(Alias).where(Alias.task_id == task_id, Alias.name == name)).rowcount
+                if not n:
+                    raise RegistryError(f"task {task!r} has no alias {name!r}")
+
+        self._retry(write)
+
+    def remove_version(self, info: VersionInfo | str, force: bool = False) -> None:
+        """Delete a version's row (its blobs go at the next ``gc``). Refused while an alias points at it,
+        unless ``force``, which removes those aliases too."""
+        info = self._as_info(info)
+
+        def write() -> None:
+            with self._tx(write=True) as s:
+                row = s.get(AdapterVersion, info.id)
+                if row is None:
+                    raise RegistryError(f"{info.ref} is not in the registry")
+                aliases = s.scalars(select(Alias.name).where(Alias.version_id == info.id)).all()
+                if aliases and not force:
+                    raise RegistryError(f"{info.ref} is what alias(es) {', '.join(sorted(aliases))} point to; move "
+                                        f"or remove them first (stadapter alias), or force the removal")
+                s.execute(delete(Alias).where(Alias.version_id == info.id))
+                s.execute(delete(Tag).where(Tag.version_id == info.id))
+                s.execute(update(AdapterVersion).where(AdapterVersion.parent_id == info.id).values(parent_id=None),
+                          execution_options={"synchronize_session": False})
+                s.execute(delete(AdapterVersion).where(AdapterVersion.id == info.id))
+
+        self._retry(write)
+        cached = self._cache_dir(info)
+        if cached.exists():
+            remove_tree(cached)
+
+    def set_hub(self, info: VersionInfo | str, repo: str, commit: str, tag: str | None = None) -> VersionInfo:
+        """Record that the version was pushed to ``repo`` at ``commit`` (and ``tag``)."""
+        info = self._as_info(info)
+
+        def write() -> None:
+            with self._tx(write=True) as s:
+                n = s.execute(update(AdapterVersion).where(AdapterVersion.id == info.id)
+                              .values(hub_repo=repo, hub_commit=commit, hub_tag=tag),
+                              execution_options={"synchronize_session": False}).rowcount
+                if not n:
+                    raise RegistryError(f"{info.ref} is not in the registry")
+
+        self._retry(write)
+        return self._info(info.id)
+
+    def set_tag(self, info: VersionInfo | str, key: str, value: str) -> VersionInfo:
+        info = self._as_info(info)
+        if not key or len(key) > 200:
+            raise RegistryError(f"tag keys are 1-200 characters, got {key!r}")
+
+        def write() -> None:
+            with self._tx(write=True) as s:
+                row = s.scalar(select(Tag).where(Tag.version_id == info.id, Tag.key == key))
+                if row is None:
+                    s.add(Tag(version_id=info.id, key=key, value=str(value)))
+                else:
+                    row.value = str(value)
+
+        self._retry(write)
+        return self._info(info.id)
+
+    def remove_tag(self, info: VersionInfo | str, key: str) -> VersionInfo:
+        info = self._as_info(info)
+
+        def write() -> None:
+            with self._tx(write=True) as s:
+                if not s.execute(delete(Tag).where(Tag.version_id == info.id, Tag.key == key)).rowcount:
+                    raise RegistryError(f"{info.ref} has no tag {key!r}")
+
+        self._retry(write)
+        return self._info(info.id)
+
+    def describe_task(self, task: str, description: str | None = None, recipe: str | None = None) -> None:
+        """Set a task's description and/or recipe name."""
+        def write() -> None:
+            with self._tx(write=True) as s:
+                t = self._task(s, task)
+                if description is not None:
+                    t.description = description
+                if recipe is not None:
+                    t.recipe = recipe
+
+        self._retry(write)
+
+    def gc(self) -> tuple[int, int]:
+        """Delete blobs no version references, stale temporary files, and cache directories of removed
+        versions. Returns (files removed, bytes freed). Waits for registrations in progress to commit."""
+        with self.blobs.collecting():
+            with self._tx() as s:
+                rows = s.execute(select(Task.name, AdapterVersion.version, AdapterVersion.files)
+                                 .join(Task, AdapterVersion.task_id == Task.id)).all()
+            referenced = {e["sha256"] for _, _, files in rows for e in files.values()}
+            removed, freed = self.blobs.sweep(referenced)
+            keep = {(task, f"{version}-{_files_digest(files)}") for task, version, files in rows}
+            if self.cache.is_dir():
+                for task_dir in self.cache.iterdir():
+                    if not task_dir.is_dir():
+                        continue
+                    for d in task_dir.iterdir():
+                        if (task_dir.name, d.name) not in keep:
+                            remove_tree(d)
+                    with contextlib.suppress(OSError):
+                        task_dir.rmdir()
+        return removed, freed
+
+    # -- helpers -----------------------------------------------------------------------------------------
+    def _as_info(self, info: VersionInfo | str) -> VersionInfo:
+        return self.resolve(info) if isinstance(info, str) else info
+
+    def _task(self, s: Session, name: str) -> Task:
+        task = s.scalar(select(Task).where(Task.name == name))
+        if task is None:
+            known = s.scalars(select(Task.name).order_by(Task.name)).all()
+            raise RegistryError(f"no task {name!r} in the registry {dbm.redact(self.url)} (tasks: "
+                                f"{', '.join(known) or 'none yet'})")
+        return task
+
+    def _numbers(self, s: Session, task_id: int) -> list[int]:
+        return list(s.scalars(select(AdapterVersion.version).where(AdapterVersion.task_id == task_id)
+                              .order_by(AdapterVersion.version)))
+
+    @staticmethod
+    def _query():  # type: ignore[no-untyped-def]
+        return select(AdapterVersion).options(selectinload(AdapterVersion.task), selectinload(AdapterVersion.backbone),
+                                              selectinload(AdapterVersion.aliases), selectinload(AdapterVersion.tags))
+
+    def _info(self, version_id: int) -> VersionInfo:
+        with self._tx() as s:
+            return self._load(s, version_id)
+
+    def _load(self, s: Session, version_id: int) -> VersionInfo:
+        row = s.scalar(self._query().where(AdapterVersion.id == version_id))
+        if row is None:
+            raise RegistryError(f"version id {version_id} is not in the registry")
+        return self._to_info(s, row)
+
+    @staticmethod
+    def _to_info(s: Session, row: AdapterVersion) -> VersionInfo:
+        parent = None
+        if row.parent_id is not None:
+            p = s.execute(select(Task.name, AdapterVersion.version).join(Task, AdapterVersion.task_id == Task.id)
+                          .where(AdapterVersion.id == row.parent_id)).first()
+            parent = f"{p[0]}:{p[1]}" if p else None
+        created = row.created_at
+        created = created.replace(tzinfo=timezone.utc) if created.tzinfo is None else created.astimezone(timezone.utc)
+        return VersionInfo(
+            id=row.id, task=row.task.name, version=row.version, backbone_spec=row.backbone.spec,
+            backbone_fingerprint=row.backbone.fingerprint, config=row.config, labels=list(row.labels),
+            metrics=row.metrics, files=row.files, hub_repo=row.hub_repo, hub_commit=row.hub_commit,
+            hub_tag=row.hub_tag, source=row.source, parent_id=row.parent_id, data=row.data, status=row.status,
+            created_at=created, aliases=[a.name for a in row.aliases], backbone_weights=row.backbone.weights,
+            storage=row.storage, parent=parent, tags={t.key: t.value for t in row.tags})
+
+
+def open_registry(db: str | None = None, home: Path | None = None, *, upgrade: bool = False) -> Registry:
+    """Open the registry: ``db`` (an SQLAlchemy URL or an SQLite file path), else ``$STADAPTER_DB``, else
+    SQLite at ``$STADAPTER_HOME/registry.db``; blobs live under ``home`` (default ``$STADAPTER_HOME``).
+
+    The default SQLite database upgrades its schema itself; any other database must be at the newest schema
+    (``stadapter db upgrade``) unless ``upgrade`` is true."""
+    home = Path(home) if home is not None else dbm.default_home()
+    target = dbm.resolve_target(db, home)
+    engine = dbm.make_engine(target.url)
+    try:
+        if upgrade:
+            dbm.upgrade(engine, "head")
+        dbm.ensure_schema(engine, target, home)
+    except BaseException:
+        engine.dispose()
+        raise
+    return Registry(engine, home, target.url, dbm.store_dir(home, target.url))
+
+
+# -- small helpers -----------------------------------------------------------------------------------------
+
+def _ensure(s: Session, model: type, key: dict[str, Any], values: dict[str, Any]) -> int:
+    """The id of the row matching ``key``, inserted with ``values`` when missing."""
+    row = s.scalar(select(model).filter_by(**key))
+    if row is None:
+        row = model(**key, **values)
+        s.add(row)
+        s.flush()
+    return int(row.id)
+
+
+def _read_json(directory: Path, name: str, files: dict[str, dict[str, Any]]) -> Any:
+    """A bundle JSON file, read once and checked against the sha256 it was registered with."""
+    raw = (directory / name).read_bytes()
+    if hashlib.sha256(raw).hexdigest() != files[name]["sha256"]:
+        raise BundleError(f"bundle {directory}: {name} changed while it was being registered")
+    try:
+        return json.loads(raw)
+    except ValueError as e:
+        raise BundleError(f"bundle {directory}: {name} is not valid JSON: {e}") from e
+
+
+def _files_digest(files: dict[str, dict[str, Any]]) -> str:
+    """Names a cache directory by its content, so two databases sharing one home never mix up versions."""
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _opt_str(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _transient(e: DBAPIError) -> bool:
+    """A deadlock or serialization failure (PostgreSQL), or an SQLite file still locked after the busy
+    timeout: worth retrying the whole transaction."""
+    code = getattr(e.orig, "sqlstate", None) or getattr(e.orig, "pgcode", None)
+    if code in ("40001", "40P01"):
+        return True
+    return "database is locked" in str(e.orig)
+
+
+def _first_line(e: BaseException | None) -> str:
+    return str(e).strip().splitlines()[0] if e is not None and str(e).strip() else repr(e)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _ranges(numbers: list[int]) -> str:
+    """[1, 2, 3, 5] -> "1-3, 5"."""
+    spans: list[list[int]] = []
+    for n in numbers:
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)

@@ -1,0 +1,243 @@
+"""Where the registry lives, how to connect to it, and its schema migrations (Alembic, run programmatically).
+
+The default database is SQLite at ``$STADAPTER_HOME/registry.db`` (WAL, foreign keys on), upgraded to the
+newest schema on first use. Any SQLAlchemy URL can be given instead (``--db`` or ``STADAPTER_DB``); such a
+database is never migrated behind the user's back: one at an older schema raises an error that says to run
+``stadapter db upgrade``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
+
+from stadapter.errors import RegistryError
+
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+DB_FILE = "registry.db"
+BUSY_TIMEOUT_S = 60.0
+
+
+def default_home() -> Path:
+    """``$STADAPTER_HOME``, else the platform's user data directory for stadapter."""
+    env = os.environ.get("STADAPTER_HOME")
+    if env:
+        return Path(env).expanduser()
+    from platformdirs import user_data_dir
+
+    return Path(user_data_dir("stadapter", appauthor=False))
+
+
+def default_url(home: Path) -> str:
+    return f"sqlite:///{Path(home) / DB_FILE}"
+
+
+@dataclass(frozen=True)
+class Target:
+    url: str
+    is_default: bool  # the SQLite file inside STADAPTER_HOME, which upgrades itself
+
+
+def resolve_target(db: str | None = None, home: Path | None = None) -> Target:
+    """``db`` (an SQLAlchemy URL or a path to an SQLite file), else ``$STADAPTER_DB``, else the default."""
+    db = db or os.environ.get("STADAPTER_DB") or None
+    if db is None:
+        return Target(default_url(Path(home) if home is not None else default_home()), True)
+    if "://" not in db:  # a plain path to an SQLite file
+        return Target(f"sqlite:///{Path(db).expanduser().resolve()}", False)
+    return Target(db, False)
+
+
+def store_dir(home: Path, url: str) -> Path:
+    """Where a database's blobs and cached bundles live: ``$STADAPTER_HOME`` itself for the default SQLite
+    database (``blobs/``, ``bundles/``), ``$STADAPTER_HOME/stores/<id>/`` for any other database, so that
+    ``gc`` with one database never deletes files that only another database references."""
+    home = Path(home)
+    if url == default_url(home):
+        return home
+    try:
+        key = make_url(url).render_as_string(hide_password=True).replace("***", "")
+    except ArgumentError:
+        key = url
+    ident = hashlib.sha256(key.encode()).hexdigest()[:16]
+    root = home / "stores" / ident
+    note = root / "DATABASE"
+    if not note.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        note.write_text(redact(url) + "\n")
+    return root
+
+
+def redact(url: str) -> str:
+    """The URL with any password hidden, for messages."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``. SQLite gets WAL, foreign keys, a busy timeout, and BEGIN IMMEDIATE for write
+    transactions (use ``engine.execution_options(sqlite_begin="IMMEDIATE")``), so two writers queue on the
+    database lock instead of failing when a reader upgrades to a writer."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError as e:
+        raise RegistryError(f"not a database URL: {url!r} ({e})") from e
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database
+        if database and database != ":memory:" and not database.startswith("file:"):
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(parsed, connect_args={"timeout": BUSY_TIMEOUT_S})
+        _sqlite_setup(engine)
+        return engine
+    try:
+        return create_engine(parsed, pool_pre_ping=True)
+    except NoSuchModuleError as e:
+        raise RegistryError(f"not a database URL stadapter can use: {redact(url)} ({e})") from e
+    except ImportError as e:  # e.g. psycopg missing
+        raise RegistryError(f"cannot use {redact(url)}: {e} (for PostgreSQL: pip install 'stadapter[postgres]')") \
+            from e
+
+
+def _sqlite_setup(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+        dbapi_connection.isolation_level = None  # we emit BEGIN ourselves (below)
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn) -> None:  # type: ignore[no-untyped-def]
+        mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+# -- migrations ------------------------------------------------------------------------------------------
+
+def alembic_config(engine: Engine | None = None):  # type: ignore[no-untyped-def]
+    """An Alembic Config pointing at the migrations inside the package (no alembic.ini needed)."""
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    if engine is not None:
+        cfg.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False).replace("%", "%%"))
+    return cfg
+
+
+@functools.lru_cache(maxsize=1)
+def script_directory():  # type: ignore[no-untyped-def]
+    """The packaged migrations (read once per process)."""
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config())
+
+
+def head_revision() -> str:
+    heads = script_directory().get_heads()
+    if len(heads) != 1:
+        raise RegistryError(f"the packaged migrations have {len(heads)} heads ({', '.join(heads)}); expected one")
+    return heads[0]
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The database's schema revision, or None for a database without the registry's tables."""
+    from alembic.runtime.migration import MigrationContext
+
+    try:
+        with engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+    except OperationalError as e:
+        raise RegistryError(f"cannot open the registry database {redact(str(engine.url))}: {e.orig}") from e
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    _run(engine, "upgrade", revision)
+
+
+def downgrade(engine: Engine, revision: str) -> None:
+    _run(engine, "downgrade", revision)
+
+
+def _run(engine: Engine, what: str, revision: str) -> None:
+    from alembic import command
+    from alembic.util import CommandError
+
+    cfg = alembic_config(engine)
+    try:
+        with engine.execution_options(sqlite_begin="IMMEDIATE").begin() as conn:  # SQLite: one writer, waits
+            cfg.attributes["connection"] = conn
+            getattr(command, what)(cfg, revision)
+    except CommandError as e:
+        raise RegistryError(f"stadapter db {what} {revision}: {e}") from e
+    except OperationalError as e:
+        raise RegistryError(f"cannot {what} the registry database {redact(str(engine.url))}: {e.orig}") from e
+
+
+def history() -> list[tuple[str, str | None, str]]:
+    """(revision, down_revision, message) from the first migration to the head."""
+    revs = list(script_directory().walk_revisions())
+    return [(r.revision, r.down_revision if isinstance(r.down_revision, str) or r.down_revision is None
+             else ",".join(r.down_revision), r.doc or "") for r in reversed(revs)]
+
+
+def check_schema(engine: Engine) -> None:
+    """Raise unless the database is at the packaged head revision."""
+    head = head_revision()
+    current = current_revision(engine)
+    if current == head:
+        return
+    where = redact(str(engine.url))
+    if current is None:
+        has_tables = bool(set(inspect(engine).get_table_names()) - {"alembic_version"})
+        what = "has no stadapter registry schema" + (" (it holds other tables)" if has_tables else "")
+        raise RegistryError(f"the registry database {where} {what}; create it with "
+                            f"`stadapter db upgrade --db {where}`")
+    known = {r.revision for r in script_directory().walk_revisions()}
+    if current in known:
+        raise RegistryError(f"the registry database {where} is at schema revision {current}, older than this "
+                            f"stadapter's {head}; run `stadapter db upgrade --db {where}`")
+    raise RegistryError(f"the registry database {where} is at schema revision {current}, which this stadapter "
+                        f"does not know (a newer stadapter wrote it); upgrade stadapter")
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, exclusive: bool = True) -> Iterator[None]:
+    """An advisory lock on ``path`` (flock; a no-op where fcntl is missing). Released when the process dies."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def ensure_schema(engine: Engine, target: Target, home: Path) -> None:
+    """The default SQLite database upgrades itself (under a file lock, so concurrent first uses do not race);
+    any other database must already be at the head revision."""
+    if target.is_default:
+        head = head_revision()
+        if current_revision(engine) != head:
+            with file_lock(home / ".registry.lock"):
+                if current_revision(engine) != head:
+                    upgrade(engine, "head")
+    check_schema(engine)

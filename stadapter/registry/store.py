@@ -1,0 +1,171 @@
+"""The content-addressed blob store: every registered file lives once under ``blobs/ab/cdef...`` (its sha256).
+
+Publishing a file writes a temporary file in the blob's own directory, fsyncs it, renames it into place and
+fsyncs the directory, so a blob path is either absent or complete. Blobs are read-only and checked against
+their sha256 whenever they are read. Publishers hold a shared lock on ``blobs/.lock`` from their first blob
+until their database row commits (readers hold it while they copy blobs out); ``gc`` takes it exclusively, so
+it never deletes a blob whose row is about to commit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import stat
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from stadapter.errors import BundleError
+from stadapter.registry.db import file_lock
+
+TMP_PREFIX = ".tmp-"
+CHUNK = 1 << 20
+
+
+class BlobStore:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    @property
+    def uri(self) -> str:
+        return self.root.resolve().as_uri()
+
+    def path(self, sha256: str) -> Path:
+        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+            raise BundleError(f"not a sha256 digest: {sha256!r}")
+        return self.root / sha256[:2] / sha256[2:]
+
+    # -- locking ---------------------------------------------------------------------------------------
+    def using(self) -> contextlib.AbstractContextManager[None]:
+        """Hold while writing blobs and until the row that references them has committed, or while reading
+        blobs out; ``collecting()`` waits for every holder."""
+        return file_lock(self.root / ".lock", exclusive=False)
+
+    def collecting(self) -> contextlib.AbstractContextManager[None]:
+        return file_lock(self.root / ".lock", exclusive=True)
+
+    # -- writing ---------------------------------------------------------------------------------------
+    def put(self, source: Path, sha256: str, size: int) -> Path:
+        """Publish ``source`` as the blob ``sha256``. The bytes are hashed as they are copied, so a source that
+        changed since its digest was taken is refused. An intact blob already present is kept."""
+        final = self.path(sha256)
+        if final.is_file() and final.stat().st_size == size and _hash(final) == sha256:
+            return final
+        if not final.parent.is_dir():
+            final.parent.mkdir(parents=True, exist_ok=True)
+            fsync_dir(self.root)  # the new fan-out directory's entry
+        fd, tmp_name = _mkstemp(final.parent)
+        tmp = Path(tmp_name)
+        try:
+            h = hashlib.sha256()
+            written = 0
+            with open(source, "rb") as src, os.fdopen(fd, "wb") as dst:
+                while block := src.read(CHUNK):
+                    h.update(block)
+                    dst.write(block)
+                    written += len(block)
+                dst.flush()
+                os.fsync(dst.fileno())
+            if h.hexdigest() != sha256 or written != size:
+                raise BundleError(f"{source} changed while it was being registered (sha256 or size differs "
+                                  f"from the manifest)")
+            os.chmod(tmp, stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+            os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        fsync_dir(final.parent)
+        return final
+
+    # -- reading ---------------------------------------------------------------------------------------
+    def export(self, sha256: str, size: int, dest: Path, what: str, link: bool) -> None:
+        """Write the blob to ``dest`` (a hard link when ``link`` and possible, else a copy), checking its
+        sha256 on the way; ``what`` names the file and version in errors."""
+        blob = self.path(sha256)
+        if not blob.is_file():
+            raise BundleError(f"{what} is missing from the blob store {self.root} (blob {sha256[:12]}...)")
+        if link:
+            try:
+                os.link(blob, dest)
+            except OSError:
+                link = False
+            else:
+                if dest.stat().st_size != size or _hash(dest) != sha256:
+                    dest.unlink()
+                    raise BundleError(f"{what} is corrupt in the blob store: its bytes no longer match sha256 "
+                                      f"{sha256[:12]}... ({blob})")
+                return
+        h = hashlib.sha256()
+        with open(blob, "rb") as src, open(dest, "wb") as dst:
+            while block := src.read(CHUNK):
+                h.update(block)
+                dst.write(block)
+        if h.hexdigest() != sha256 or dest.stat().st_size != size:
+            dest.unlink()
+            raise BundleError(f"{what} is corrupt in the blob store: its bytes no longer match sha256 "
+                              f"{sha256[:12]}... ({blob})")
+
+    def check(self, path: Path, sha256: str, size: int) -> bool:
+        return path.is_file() and path.stat().st_size == size and _hash(path) == sha256
+
+    # -- collecting ------------------------------------------------------------------------------------
+    def sweep(self, referenced: Iterable[str]) -> tuple[int, int]:
+        """Delete every blob not in ``referenced`` and every temporary file. Call under ``collecting()``."""
+        keep = set(referenced)
+        removed = freed = 0
+        if not self.root.is_dir():
+            return 0, 0
+        for fan in sorted(self.root.iterdir()):
+            if not fan.is_dir() or len(fan.name) != 2:
+                continue
+            for f in sorted(fan.iterdir()):
+                if f.name.startswith(TMP_PREFIX) or (fan.name + f.name) not in keep:
+                    freed += f.stat().st_size
+                    f.unlink()
+                    removed += 1
+            with contextlib.suppress(OSError):
+                fan.rmdir()  # only when empty
+        return removed, freed
+
+    def blobs(self) -> Iterator[str]:
+        if not self.root.is_dir():
+            return
+        for fan in sorted(self.root.iterdir()):
+            if fan.is_dir() and len(fan.name) == 2:
+                for f in sorted(fan.iterdir()):
+                    if not f.name.startswith(TMP_PREFIX):
+                        yield fan.name + f.name
+
+
+def _hash(path: Path) -> str:
+    from stadapter.bundle import sha256_file  # lazy: stadapter.bundle imports torch
+
+    return sha256_file(path)
+
+
+def _mkstemp(directory: Path) -> tuple[int, str]:
+    import tempfile
+
+    return tempfile.mkstemp(prefix=TMP_PREFIX, dir=directory)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename inside ``directory`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a materialized bundle directory (its files may be read-only hard links to blobs; unlinking a
+    link leaves the blob alone)."""
+    shutil.rmtree(path, ignore_errors=True)

@@ -176,7 +176,8 @@ def test_hmdb51(tmp_path):
     assert detect_format(d) == "hmdb51"
     train, classes = load_annotations(d, split="train", root=tmp_path / "hmdb")
     assert classes == ["cartwheel", "wave"]
-    assert train == [Sample(tmp_path / "hmdb/cartwheel/b_cart_1.avi", 0), Sample(tmp_path / "hmdb/wave/a_wave_0.avi", 1)]
+    assert train == [Sample(tmp_path / "hmdb/cartwheel/b_cart_1.avi", 0),
+                     Sample(tmp_path / "hmdb/wave/a_wave_0.avi", 1)]
     test, _ = load_annotations(d, split="test")
     assert [s.path.name for s in test] == ["a_cart_0.avi", "b_wave_1.avi"]
     fold2, _ = load_annotations(d, split="train", fold=2)

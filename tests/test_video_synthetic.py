@@ -75,8 +75,9 @@ def test_clips_differ_within_a_class():
 @pytest.mark.parametrize("name", S.CLASSES)
 def test_reversal_gives_the_opposite_class(name):
     rng = S.clip_rng(1, S.CLASSES.index(name), 0)
-    scene, states = S.sample_scene(rng), S.sample_states(name, rng)
-    assert S.motion_of(states) == name
+    scene, states = S.sample_scene(rng, objects=2), S.sample_states(name, rng, objects=2)
+    assert states.shape == (16, 2, 4)
+    assert S.motion_of(states) == name and S.motion_of(states[:, 1]) == name
     assert S.motion_of(states[::-1]) == S.OPPOSITE[name] != name
     frames = S.render_frames(scene, states)
     backwards = S.render_frames(scene, states[::-1].copy())
@@ -101,13 +102,13 @@ def test_mean_object_size_is_the_same_for_every_class():
     assert all(abs(a / mean - 1) < 0.05 for a in areas.values()), areas
 
 
-def object_only(name, seed=0, size=64):
-    """Frames of one clip on a black background, for measuring the motion."""
+def object_only(name, seed=0, size=64, objects=2):
+    """Frames of one clip on a black background, for measuring the motion: (T, S, S) and (T, K, 4)."""
     rng = S.clip_rng(seed, S.CLASSES.index(name), 0)
-    scene = S.sample_scene(rng, size)
-    scene = dataclasses.replace(scene, background=np.zeros_like(scene.background),
-                                colors=np.clip(scene.colors, 0.3, 1.0))
-    states = S.sample_states(name, rng, 16, size)
+    scene = S.sample_scene(rng, size, objects)
+    sprites = tuple(dataclasses.replace(sp, colors=np.clip(sp.colors, 0.3, 1.0)) for sp in scene.sprites)
+    scene = S.Scene(background=np.zeros_like(scene.background), sprites=sprites)
+    states = S.sample_states(name, rng, 16, size, objects)
     return S.render_frames(scene, states).astype(float).sum(-1), states
 
 
@@ -122,12 +123,12 @@ def test_motion_is_large_and_visible(seed):
     for name, sign in [("grow", 1), ("shrink", -1)]:
         f, _ = object_only(name, seed)
         area = (f > 0).sum((1, 2))
-        assert (area[-1] / area[0]) ** sign > 3
+        assert (area[-1] / area[0]) ** sign > 2.5
     for name, sign in [("rotate_clockwise", 1), ("rotate_anticlockwise", -1)]:
-        f, states = object_only(name, seed)
-        cx, cy = states[0, :2]
+        f, states = object_only(name, seed, objects=1)
+        cx, cy = states[0, 0, :2]
         img = Image.fromarray(f[0].astype(np.float32))
-        step = np.degrees(states[1, 2] - states[0, 2]) * 4  # 4 frames on
+        step = np.degrees(states[1, 0, 2] - states[0, 0, 2]) * 4  # 4 frames on
         target = f[4]
 
         def err(angle):  # PIL rotates anticlockwise for a positive angle
@@ -151,6 +152,20 @@ def test_bad_settings(tmp_path):
             S.generate(tmp_path / "x", **kwargs)
     with pytest.raises(ConfigError, match="unknown synthetic class"):
         S.sample_states("jump", np.random.default_rng(0))
+    with pytest.raises(ConfigError, match="zoom"):
+        S.MotionRanges(zoom=(0.5, 2.0))
+    with pytest.raises(ConfigError, match="radius"):
+        S.MotionRanges(radius=(0.3, 0.2))
+
+
+def test_motion_ranges_are_used_and_recorded(tmp_path):
+    big = S.MotionRanges(objects=(4, 4), radius=(0.25, 0.25), distance=(0.6, 0.6))
+    states = S.sample_states("move_up", np.random.default_rng(0), 16, 64, 4, big)
+    assert states.shape == (16, 4, 4)
+    np.testing.assert_allclose(states[0, :, 1] - states[-1, :, 1], 0.6 * 64)
+    np.testing.assert_allclose(states[..., 3], 16.0)
+    out = S.generate(tmp_path / "big", clips_per_class=1, frames=4, size=32, val_fraction=0, motion=big)
+    assert json.loads((out.root / "synth.json").read_text())["motion"]["objects"] == [4, 4]
 
 
 def test_cli_synth(tmp_path):

@@ -88,7 +88,10 @@ def probe(path: str | Path, count_packets: bool = True) -> VideoInfo:
                          height=stream.codec_context.height, duration=duration)
 
 
-def _decode_sequential(path: Path, container, stream, wanted: list[int]) -> tuple[dict[int, np.ndarray], int, int | None]:
+Decoded = tuple[dict[int, np.ndarray], int, "int | None"]  # ({index: (H, W, 3)}, frames decoded, largest pts)
+
+
+def _decode_sequential(path: Path, container, stream, wanted: list[int]) -> Decoded:
     """Decode from the start up to the last wanted frame: ({index: (H, W, 3)}, frames decoded, largest pts)."""
     target, stop = set(wanted), wanted[-1]
     out: dict[int, np.ndarray] = {}
@@ -135,7 +138,7 @@ def _pts_step(stream) -> int | None:
     return int(step)
 
 
-def _decode_seeking(container, stream, wanted: list[int]) -> tuple[dict[int, np.ndarray], int, int | None] | None:
+def _decode_seeking(container, stream, wanted: list[int]) -> Decoded | None:
     """Seek to a keyframe before the first wanted frame and index frames by pts. None when the timestamps do
     not give exact indices (the caller then decodes sequentially)."""
     step = _pts_step(stream)

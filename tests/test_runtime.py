@@ -225,3 +225,50 @@ def test_each_task_gets_its_own_frames_and_views_from_one_decode(tmp_path, tiny_
             path, [0]).shape[1:]), spec, bb.image_size[0], bb.mean, bb.std)
         assert v.shape == (spec.temporal_views * spec.spatial_views, spec.num_frames, 3, 32, 32)
         assert torch.equal(v, alone)
+
+
+def test_compiled_path_serves_another_task_without_recompiling(reg, tmp_path, tiny_backbone):
+    """The optional torch.compile path (CUDA in production; dynamo's eager backend here): adapter weights are
+    graph inputs in fixed bank slots, so switching or mixing tasks of one layout reuses the graph."""
+    import torch._dynamo
+
+    same = {f"same{j}": register(reg, tmp_path, tiny_backbone, f"same{j}", seed=30 + j, num_classes=3 + j, width=8,
+                               activation="gelu")
+            for j in range(4)}
+    engine = engine_for(reg, tiny_backbone, compile="eager")
+    x = clips(4, seed=8)
+
+    def check(names):
+        out = engine.forward(list(x[:len(names)]), [engine.resolve(n) for n in names])
+        for i, n in enumerate(names):
+            _, t, m = same[n]
+            assert close(out[i], reference(m, t, x[i:i + 1])[0]), n
+
+    torch._dynamo.reset()
+    for n in (4, 2, 1):  # one graph per batch bucket
+        check(["same0"] * n)
+    torch.compiler.set_stance("fail_on_recompile")
+    try:
+        check(["same1"] * 4)
+        check(["same2", "same3", "same0", "same1"])  # a mixed batch through the same graph
+        check(["same3"])
+        check(["same1", "same2"])
+    finally:
+        torch.compiler.set_stance("default")
+    (bank,) = engine._compiled.banks.values()
+    assert bank.writes == 4  # each set written into its slot once; later binds only index it
+
+
+@pytest.mark.parametrize("kernel, activation, frames", [((3, 1, 1), "none", 4), ((5, 1, 1), "gelu", 4),
+                                                        ((3, 1, 1), "none", 1), ((3, 1, 1), "relu", 2), (None, "gelu", 4)])
+def test_inference_kernel_equals_the_model_adapter(kernel, activation, frames):
+    from stadapter.model.adapter import init_adapter_tensors, st_adapter
+    from stadapter.runtime.kernels import adapter_delta, fast_path
+
+    g = torch.Generator().manual_seed(1)
+    w = {k: torch.randn(v.shape, generator=g) * 0.3 for k, v in init_adapter_tensors(16, 8, kernel, g).items()}
+    x = torch.randn(2 * frames, 1 + 9, 16, generator=g)
+    assert fast_path(w)
+    out = x + adapter_delta(x, w, frames, 1, activation)
+    assert close(out, st_adapter(x, w, frames, (3, 3), 1, activation))
+    assert torch.equal(out[:, 0], x[:, 0])  # the CLS token bypasses the adapter

@@ -34,6 +34,7 @@ from stadapter.errors import AdapterSetError, BundleError, InputError
 from stadapter.model.adapter import st_adapter
 from stadapter.model.backbone import Backbone, swapped_parameters
 from stadapter.model.video_vit import VideoViT, check_adapter_set
+from stadapter.runtime.kernels import adapter_delta, fast_path
 from stadapter.runtime.pool import AdapterPool, ResidentSet, SetSource
 from stadapter.training.metrics import average_views
 
@@ -130,8 +131,10 @@ class Engine:
         if compile:
             from stadapter.runtime.compiled import CompiledBackbone
 
-            if self.device.type != "cuda":
-                raise InputError("the compiled path (--compile) runs on CUDA only")
+            from stadapter.runtime.compiled import BACKENDS
+
+            if self.device.type != "cuda" and compile not in BACKENDS:
+                raise InputError(f"torch.compile mode {compile!r} needs CUDA; on the CPU use one of {BACKENDS}")
             self._compiled = CompiledBackbone(self.backbone, mode=compile, slots=max_resident or 64)
 
     # -- construction ------------------------------------------------------------------------------------
@@ -218,6 +221,13 @@ class Engine:
         self._paths[handle.key] = (path, _stat(path))
         return path
 
+    def prepare(self, ref: str) -> TaskHandle:
+        """Resolve a task and verify its files (sha256, once per process) without making it resident, so a
+        later cold load only reads the file."""
+        h = self.resolve(ref)
+        self._locate(h)
+        return h
+
     def prefetch(self, handle: TaskHandle | str) -> None:
         """Start making the task's set resident in the background (when a request arrives)."""
         h = self.resolve(handle) if isinstance(handle, str) else handle
@@ -248,10 +258,17 @@ class Engine:
             if c.dim() != 4 or tuple(c.shape[1:]) != (3, H, W) or c.shape[0] != h.num_frames:
                 raise InputError(f"clip {i} has shape {tuple(c.shape)}; task {h.name} expects "
                                  f"({h.num_frames}, 3, {H}, {W})")
-        # Group: frame count, then tasks with backbone overrides alone; clips of one task contiguous.
-        def group_key(i: int) -> tuple[int, int]:
+        # Group: frame count, then tasks with backbone overrides alone (and, compiled, by bank layout); the
+        # clips of one task contiguous.
+        layouts: dict[int, str] = {}
+        if self._compiled is not None:
+            from stadapter.runtime.compiled import layout_of
+
+            layouts = {h.key: repr(layout_of(h, sets[h.key])) for h in handles}
+
+        def group_key(i: int) -> tuple[int, int, str]:
             h = handles[i]
-            return (h.num_frames, h.key if sets[h.key].overrides else -1)
+            return (h.num_frames, h.key if sets[h.key].overrides else -1, layouts.get(h.key, ""))
 
         order = sorted(range(n), key=lambda i: (group_key(i), handles[i].key, i))
         out: list[Tensor | None] = [None] * n
@@ -288,7 +305,7 @@ class Engine:
                 self.swaps += 1
                 self._last_key = rs.key
         overrides = segments[0][2].overrides  # non-empty only for a group of one such task
-        if self._compiled is not None and not overrides:
+        if self._compiled is not None and not overrides and self._compiled.supports(segments):
             tokens = self._compiled.run(images, T, segments)
         else:
             ctx = swapped_parameters(bb, overrides) if overrides else contextlib.nullcontext()
@@ -310,33 +327,39 @@ class Engine:
         return out
 
     def _hook(self, T: int, segments: list[tuple[int, int, ResidentSet, TaskHandle]]):
+        """The adapter hook for one backbone pass: each task's adapters on its own rows of the batch."""
         bb = self.backbone
         grid, prefix = bb.grid, bb.num_prefix
-        if len(segments) == 1:
-            _, _, rs, h = segments[0]
-            if not rs.slots:
-                return None
-            slots, act = rs.slots, h.adapter.activation
-
-            def single(i: int, pos: str, x: Tensor) -> Tensor:
-                w = slots.get((i, pos))
-                return x if w is None else st_adapter(x, w, T, grid, prefix, act)
-
-            return single
         rows = [(a * T, b * T, rs.slots, h.adapter.activation) for a, b, rs, h in segments]
         if not any(slots for _, _, slots, _ in rows):
             return None
 
+        if len(rows) == 1:
+            slots, act = rows[0][2], rows[0][3]
+
+            def single(i: int, pos: str, x: Tensor) -> Tensor:
+                w = slots.get((i, pos))
+                if w is None:
+                    return x
+                if fast_path(w):
+                    return x + adapter_delta(x, w, T, prefix, act)
+                return st_adapter(x, w, T, grid, prefix, act)
+
+            return single
+
         def mixed(i: int, pos: str, x: Tensor) -> Tensor:  # x: (N*T, L, C), each task's rows contiguous
-            parts, touched = [], False
+            y = None
             for a, b, slots, act in rows:
                 w = slots.get((i, pos))
                 if w is None:
-                    parts.append(x[a:b])
+                    continue
+                if y is None:
+                    y = x.clone()
+                if fast_path(w):
+                    y[a:b] += adapter_delta(x[a:b], w, T, prefix, act)
                 else:
-                    parts.append(st_adapter(x[a:b], w, T, grid, prefix, act))
-                    touched = True
-            return torch.cat(parts) if touched else x
+                    y[a:b] = st_adapter(x[a:b], w, T, grid, prefix, act)
+            return x if y is None else y
 
         return mixed
 

@@ -34,7 +34,8 @@ class AdapterConfig:
     kernel: the depth-wise Conv3d kernel (kT, kH, kW); padding is k // 2.
     positions: where adapters sit in a block: before MHSA (``attn``), before the MLP (``mlp``), or both.
     last_k: adapters only in the last k blocks (None: every block).
-    activation: between fc1 and the conv. ``none`` as the official code; the paper's Eq. 2 writes f(.).
+    activation: after the conv (before fc2). ``none`` as the official code; the paper's Eq. 2 writes
+        f(DWConv3D(X W_down)).
         None picks ``none`` for st-adapter and ``gelu`` for the plain bottleneck adapter.
     pool: ``cls`` (the paper: CLS token per frame, mean over time) or ``patch-mean`` (mean over patch
         tokens and time; an option, not the paper).

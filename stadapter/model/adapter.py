@@ -1,4 +1,7 @@
-"""The ST-Adapter (Pan, Lin et al., NeurIPS 2022): ``x + fc2(dwconv3d(act(fc1(x))))`` on patch tokens.
+"""The ST-Adapter (Pan, Lin et al., NeurIPS 2022): ``x + fc2(act(dwconv3d(fc1(x))))`` on patch tokens.
+
+The paper's Eq. 2 is ``X + f(DWConv3D(X W_down)) W_up``; the official code uses no f (identity), which is the
+default here.
 
 Adapter weights are data: :func:`st_adapter` is a pure function of the tokens and a dict of tensors, so a
 runtime can bind any task's tensors per call. :class:`STAdapter` is the same thing as an ``nn.Module`` for
@@ -90,20 +93,21 @@ def st_adapter(x: Tensor, tensors: Mapping[str, Tensor], num_frames: int, grid: 
     dtype = x.dtype
     patches = x[:, num_prefix:]  # (B*T, HW, C)
     h = F.linear(patches, tensors["fc1.weight"].to(dtype), tensors["fc1.bias"].to(dtype))  # (B*T, HW, r)
-    h = ACTIVATIONS[activation](h)
     if "conv.weight" in tensors:
         h = h.reshape(BT // num_frames, num_frames, HW, -1)  # (B, T, HW, r)
         h = depthwise_conv3d(h, tensors["conv.weight"], tensors["conv.bias"], grid)
         h = h.reshape(BT, HW, -1)
+    h = ACTIVATIONS[activation](h)  # Eq. 2: f(DWConv3D(X W_down)); Eq. 1: f(X W_down)
     h = F.linear(h, tensors["fc2.weight"].to(dtype), tensors["fc2.bias"].to(dtype))  # (B*T, HW, C)
     return torch.cat([x[:, :num_prefix], patches + h], dim=1)
 
 
 class STAdapter(nn.Module):
-    """One ST-Adapter as a module: fc1 (C->r) -> optional activation -> depth-wise Conv3d -> fc2 (r->C).
+    """One ST-Adapter as a module: fc1 (C->r) -> depth-wise Conv3d -> optional activation -> fc2 (r->C).
 
-    The official code (linziyi96/st-adapter) has no activation; the paper's Eq. 2 writes one, f(.). The
-    default here is the official one (identity); pass ``activation="gelu"`` for Eq. 2 as written. At init
+    The official code (linziyi96/st-adapter) has no activation; the paper's Eq. 2 writes one, f(.), applied to
+    the conv's output. The default here is the official one (identity); pass ``activation="gelu"`` for Eq. 2
+    as written (the activation then sits between the conv and fc2). At init
     the conv weight and bias and both fc biases are zero, so the adapter is exactly the identity.
     """
 

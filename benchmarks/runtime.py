@@ -196,7 +196,7 @@ class Bench:
         self.log("(a) switching: engine, PEFT-style copy, full model per task")
         t = self.interleaved({"one": stream(lambda i: 0), "alt": stream(lambda i: i % 2),
                               "peft_one": peft_stream(False), "peft_alt": peft_stream(True)}, rounds)
-        full_rounds = max(1, rounds // 2)
+        full_rounds = 3 if self.quick else 4
         tf = self.interleaved({"full_one": full_stream(False), "full_alt": full_stream(True)}, full_rounds)
         thr = lambda secs, r: n_req * per_req / secs  # noqa: E731
         note = f"{n_req} requests x {per_req} clips per stream, best of {rounds}"
@@ -221,6 +221,10 @@ class Bench:
         mixed = lambda: e.forward(x, mixed_handles)  # noqa: E731
         grouped = lambda: [e.forward(x[2 * k:2 * k + 2], [hs[k]] * 2) for k in range(8)]  # noqa: E731
         bare = BareBackbone(self.backbone, hs[0], e)
+        out_mixed = e.forward(x, mixed_handles)
+        alone = [e.forward(x[2 * k:2 * k + 2], [hs[k]] * 2) for k in range(8)]
+        diff = max(float((a - b).abs().max()) for a, b in zip(out_mixed, [o for g in alone for o in g]))
+        self.results["mixed_vs_alone_max_abs_diff"] = diff  # logits; fp16 on CUDA
         self.log("(b, c) one task / 8 tasks mixed / grouped by task / bare backbone, 16 clips")
         t = self.interleaved({"single": single, "mixed": mixed, "grouped": grouped, "bare": lambda: bare(x)}, rounds)
         self.put("mixed_batch_ratio", t["single"] / t["mixed"], "b mixed batch",
@@ -438,6 +442,15 @@ class Bench:
         engine.close()
 
     def compile_report(self) -> None:
+        e0, hs0 = self.engine, self.handles
+        xs = self.clips(8)
+        mixed = [hs0[j % len(hs0)] for j in range(8)]
+        compiled_out = e0.forward(xs, mixed)
+        saved, e0._compiled = e0._compiled, None
+        eager_out = e0.forward(xs, mixed)
+        e0._compiled = saved
+        self.results["compile_vs_eager_max_abs_diff"] = max(float((a - b).abs().max())
+                                                            for a, b in zip(compiled_out, eager_out))
         """With --compile: check that serving other tasks of the same layout reuses the compiled graphs."""
         e, hs = self.engine, self.handles
         x = self.clips(8)

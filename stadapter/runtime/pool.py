@@ -351,6 +351,13 @@ class AdapterPool:
         with torch.cuda.stream(self._stream):
             dev = raw.to(self.device, non_blocking=True)
             tensors = self._cast(tensor_views(dev, entries))
+            if any(t.untyped_storage().data_ptr() != dev.untyped_storage().data_ptr() for t in tensors.values()):
+                # some tensors were cast into new memory: move the rest (the float32 head) out of the
+                # float32 buffer too, so the buffer is freed and the set costs what it holds
+                base = dev.untyped_storage().data_ptr()
+                tensors = {k: t.clone() if t.untyped_storage().data_ptr() == base else t
+                           for k, t in tensors.items()}
+            del dev
         self._stream.synchronize()
         for t in {t.untyped_storage().data_ptr(): t for t in tensors.values()}.values():
             t.record_stream(compute)  # freed blocks wait for the compute stream, not only the side stream

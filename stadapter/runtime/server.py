@@ -443,13 +443,16 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
                 upload = form.get("clip")
                 if upload is None or isinstance(upload, str):
                     raise HTTPProblem(400, "multipart requests need the clip file in field 'clip'")
-                refs = parse_tasks(form.getlist("tasks") or "", config.max_tasks)
-                k = parse_top_k(form.get("top_k"), config.default_top_k)
-                tmpdir = tempfile.mkdtemp(prefix="stadapter-upload-")
-                name = Path(upload.filename or "clip").name or "clip"
-                path = Path(tmpdir) / name
-                await run_in_threadpool(_save_upload, upload.file, path, config.max_upload_bytes)
-                shown = upload.filename or "upload"
+                try:
+                    refs = parse_tasks(form.getlist("tasks") or "", config.max_tasks)
+                    k = parse_top_k(form.get("top_k"), config.default_top_k)
+                    tmpdir = tempfile.mkdtemp(prefix="stadapter-upload-")
+                    name = Path(upload.filename or "clip").name or "clip"
+                    path = Path(tmpdir) / name
+                    await run_in_threadpool(_save_upload, upload.file, path, config.max_upload_bytes)
+                    shown = upload.filename or "upload"
+                finally:
+                    await form.close()
             elif ctype.startswith("application/json"):
                 try:
                     body = await request.json()

@@ -9,6 +9,7 @@ from stadapter.cli import model, registry
 from stadapter.cli import data
 from stadapter.cli import hub as hub_cli
 from stadapter.cli import train as train_cli
+from stadapter.cli import demo as demo_cli
 from stadapter.cli import predict as predict_cli
 from stadapter.cli import serve as serve_cli
 
@@ -24,6 +25,7 @@ app = typer.Typer(
 app.command("model-info")(model.model_info)
 app.command("train")(train_cli.train)
 app.command("eval")(train_cli.evaluate_cmd)
+app.command("demo")(demo_cli.demo)
 app.command("predict")(predict_cli.predict)
 app.command("serve")(serve_cli.serve)
 app.add_typer(data.app, name="data")

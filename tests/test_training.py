@@ -78,7 +78,7 @@ def test_metrics_and_view_averaging():
 
 
 # -- real training ----------------------------------------------------------------------------------
-def test_tiny_run_overfits_real_clips(tmp_path):
+def test_tiny_run_overfits_real_clips(tmp_path, home):
     videos = need_shared(VIDEOS) / "labelled"
     picks = {"wave": "TrumanShow_wave_f_nm_np1_fr_med_26.avi", "juggle": "v_SoccerJuggling_g23_c01.avi",
              "segway": "R6llTwEh07w.mp4", "cartwheel": "hmdb51_Turnk_r_Pippi_Michel_cartwheel_f_cm_np2_le_med_6.avi"}
@@ -99,6 +99,16 @@ def test_tiny_run_overfits_real_clips(tmp_path):
     log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert log[0]["step"] == 1 and {"loss", "lr", "clips_per_s"} <= set(log[0])
     assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
+
+    # the trained bundle, registered, predicts each real clip's own label through `stadapter predict`
+    from stadapter.registry import open_registry
+
+    with open_registry() as reg:
+        assert reg.register(out.bundle_dir, task="real").ref == "real:1"
+    r = cli("predict", "--task", "real", *(str(videos / f) for f in picks.values()), "--top-k", "1", "--json",
+            env={"STADAPTER_HOME": str(home)})
+    got = json.loads(r.stdout)["results"]
+    assert [res["tasks"][0]["top"][0]["label"] for res in got] == list(picks), got
 
 
 def _tensors(run: Path) -> dict[str, torch.Tensor]:

@@ -174,6 +174,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     eval_every: float = 5
     num_workers: int = 2
+    cache_clips: bool = False  # keep decoded clips in memory across epochs (small datasets; loads in-process)
 
     def __post_init__(self) -> None:
         if self.epochs <= 0:

@@ -314,3 +314,19 @@ def test_dataset_with_dataloader_workers(tmp_path):
     for b1, b2 in zip(one, two):
         assert torch.equal(b1.clips, b2.clips) and torch.equal(b1.labels, b2.labels)
     assert sum(len(b.labels) for b in one) == len(classes) == 8
+
+
+def test_frame_cache_gives_the_same_items_and_keeps_bad_clips_skipped(clips):
+    """--cache-clips: every epoch's items equal those decoded afresh; a bad clip is still a Skipped item."""
+    cache: dict = {}
+    for epoch in (0, 1):
+        for train in (True, False):
+            plain = VideoClipDataset(clips, SPEC, 32, MEAN, STD, train=train, seed=4)
+            cached = VideoClipDataset(clips, SPEC, 32, MEAN, STD, train=train, seed=4, frame_cache=cache)
+            plain.set_epoch(epoch)
+            cached.set_epoch(epoch)
+            for i in (0, 2):
+                assert torch.equal(plain[i][0], cached[i][0]), (epoch, train, i)
+            assert isinstance(cached[1], Skipped) and isinstance(cached[3], Skipped)
+    assert sorted(cache) == [0, 2]  # decoded once each, kept across epochs
+    assert cache[0].ndim == 4 and cache[0].shape[-1] == 3

@@ -58,6 +58,9 @@ def train(
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="Save a checkpoint every N steps.")] = None,
     num_workers: Annotated[int | None, typer.Option(help="Data-loading worker processes.")] = None,
+    cache_clips: Annotated[bool | None, typer.Option("--cache-clips/--no-cache-clips",
+                                                     help="Keep decoded clips in memory across epochs (small "
+                                                          "datasets; loads in the training process).")] = None,
     flip: Annotated[bool | None, typer.Option("--flip/--no-flip", help="Horizontal flip in training.")] = None,
     amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="Half-precision backbone on CUDA.")] = None,
     out: Annotated[Path | None, typer.Option(help="Run directory (checkpoint, metrics, curves, bundle). "
@@ -86,7 +89,8 @@ def train(
     train_cfg = {k: v for k, v in dict(epochs=epochs, batch_size=batch_size, lr_per_256=lr,
                                        warmup_epochs=warmup_epochs, conv_lr_mult=conv_lr_mult,
                                        grad_accum=grad_accum, seed=seed, checkpoint_every=checkpoint_every,
-                                       num_workers=num_workers, amp=amp).items() if v is not None}
+                                       num_workers=num_workers, amp=amp, cache_clips=cache_clips).items()
+                 if v is not None}
     r = resolve_recipe(task, recipe, adapter, spec, train_cfg)
     tr = load_annotations(train_annotations, split="train", root=root)
     va = load_annotations(val_annotations, split="val", root=root, classes=tr.classes) if val_annotations else None

@@ -68,8 +68,9 @@ def train_task(task: str, recipe: Recipe, samples_train: list, labels: list[str]
         bb = prepare_backbone(backbone, weights, dev, recipe.train.amp)
         model = VideoViT(bb, adapter, recipe.task.num_frames)
         src = dict(spec=recipe.task, size=bb.image_size, mean=bb.mean, std=bb.std, seed=recipe.train.seed)
-        train_src = ClipSource(samples_train, **src)
-        val_src = ClipSource(samples_val, **src) if samples_val else None
+        cache = recipe.train.cache_clips
+        train_src = ClipSource(samples_train, **src, cache={} if cache else None)
+        val_src = ClipSource(samples_val, **src, cache={} if cache else None) if samples_val else None
         job = TrainJob(task, adapter, recipe.task, recipe.train, labels, train_src, val_src, out, max_steps,
                        device, log, progress, extra or {})
         result = run_training(job, model, info, resume=resume)

@@ -24,13 +24,14 @@ class ClipSource:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     seed: int = 0
+    cache: dict | None = None  # decoded clips kept across epochs (None: decode every time)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def dataset(self, train: bool, epoch: int = 0) -> Dataset:
         ds = VideoClipDataset(self.samples, self.spec, self.size[0], self.mean, self.std, train=train,
-                              seed=self.seed)
+                              seed=self.seed, frame_cache=self.cache)
         ds.set_epoch(epoch)
         return ds
 
@@ -62,5 +63,7 @@ def collate_indexed(batch: list):
 def make_loader(source: ClipSource, plan: Sequence[Sequence[int]], epoch: int, train: bool, seed: int,
                 workers: int) -> DataLoader:
     ds = source.dataset(train=train, epoch=epoch)
+    if source.cache is not None:
+        workers = 0  # the cache lives in this process; worker processes would fill and drop copies of it
     return DataLoader(_Indexed(ds, source.samples), batch_sampler=[list(b) for b in plan],
                       collate_fn=collate_indexed, num_workers=workers, persistent_workers=False)

@@ -224,7 +224,7 @@ class _null:
 
 def _signature(job: TrainJob, batch: int, total: int) -> dict[str, Any]:
     return {"task": job.task, "adapter": job.adapter.to_dict(), "spec": job.spec.to_dict(),
-            "train": {k: v for k, v in job.train.to_dict().items() if k not in ("num_workers", "checkpoint_every")},
+            "train": {k: v for k, v in job.train.to_dict().items() if k not in ("num_workers", "checkpoint_every", "cache_clips")},
             "batch": batch, "total": total, "num_train": len(job.train_source), "labels": job.labels}
 
 

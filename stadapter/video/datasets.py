@@ -421,12 +421,14 @@ class VideoClipDataset(Dataset):
     ``persistent_workers`` off so they see the new epoch)."""
 
     def __init__(self, samples: Sequence[Sample], spec: TaskSpec, size: int, mean: Sequence[float],
-                 std: Sequence[float], train: bool, seed: int = 0) -> None:
+                 std: Sequence[float], train: bool, seed: int = 0,
+                 frame_cache: dict[int, np.ndarray] | None = None) -> None:
         self.samples = list(samples)
         self.spec, self.size, self.train, self.seed = spec, int(size), bool(train), int(seed)
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         self.epoch = 0
         self._lengths: dict[int, int] = {}
+        self.frame_cache = frame_cache  # index -> every decoded frame (N, H, W, 3); shared across epochs
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -440,13 +442,20 @@ class VideoClipDataset(Dataset):
     def load(self, index: int) -> tuple[torch.Tensor, int]:
         """The item without the skip guard: raises DecodeError for a bad clip."""
         sample = self.samples[index]
-        if index not in self._lengths:
-            self._lengths[index] = probe(sample.path).num_frames
         rng = self.rng(index)
-        idx = sample_indices(self._lengths[index], self.spec, self.train, rng)  # (V_t, T)
-        unique = np.unique(idx)
-        frames = decode_frames(sample.path, unique)  # (U, H, W, 3)
-        stacks = frames[np.searchsorted(unique, idx)]  # (V_t, T, H, W, 3)
+        if self.frame_cache is not None:
+            if index not in self.frame_cache:
+                n = probe(sample.path).num_frames
+                self.frame_cache[index] = decode_frames(sample.path, np.arange(n))  # (N, H, W, 3)
+            every = self.frame_cache[index]
+            stacks = every[sample_indices(len(every), self.spec, self.train, rng)]  # (V_t, T, H, W, 3)
+        else:
+            if index not in self._lengths:
+                self._lengths[index] = probe(sample.path).num_frames
+            idx = sample_indices(self._lengths[index], self.spec, self.train, rng)  # (V_t, T)
+            unique = np.unique(idx)
+            frames = decode_frames(sample.path, unique)  # (U, H, W, 3)
+            stacks = frames[np.searchsorted(unique, idx)]  # (V_t, T, H, W, 3)
         if self.train:
             return train_clip(stacks[0], self.spec, self.size, self.mean, self.std, rng), sample.label
         return test_views(stacks, self.spec, self.size, self.mean, self.std), sample.label

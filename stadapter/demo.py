@@ -29,14 +29,14 @@ class DemoSettings:
     epochs, so the set is large and the clips small.
     """
 
-    clips_per_class: int = 160  # 120 train + 40 val per class, 8 classes
+    clips_per_class: int = 320  # 240 train + 80 val per class, 8 classes
     size: int = 32  # frame width and height of the synthetic clips
     seed: int = 0
     backbone: str = DEMO_BACKBONE
     frames: int = 8
     width: int = 64  # the bottleneck width r
     positions: tuple[str, ...] = ("attn", "mlp")
-    epochs: float = 12
+    epochs: float = 20
     batch_size: int = 8
     lr_per_256: float = 0.032  # 1e-3 at batch 8
     conv_lr_mult: float = 10.0

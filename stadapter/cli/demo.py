@@ -70,6 +70,6 @@ def demo(
     ref = result["methods"]["st-adapter"]["registered"]
     console.print(f"total {result['seconds']:.0f} s" + (f"; the ST-Adapter bundle is registered as {ref}" if ref else ""))
     if ref:
-        clip = next(iter(sorted((out / "data").glob("move_left/*.mp4"))), None)
+        clip = next(iter(sorted((out / "data").glob("move_left/*.mp4"), reverse=True)), None)  # a val clip
         if clip is not None:
             console.print(f"try: stadapter predict --task demo-motion {clip}", highlight=False)

@@ -1,0 +1,50 @@
+"""benchmarks/accuracy.py builds its motion-centric tasks honestly: split by source video, and each class's
+partner holds exactly the same frames in reverse order (so temporal averaging is capped at 50%)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, VIDEOS, need_shared
+from stadapter.video.decode import decode_frames
+
+
+@pytest.fixture(scope="module")
+def accuracy():
+    spec = importlib.util.spec_from_file_location("accuracy_benchmark", ROOT / "benchmarks" / "accuracy.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def rows(task, split):
+    return [line.split() for line in (task / f"{split}.txt").read_text().splitlines()]
+
+
+def test_camera_motion_task_is_split_by_source_and_partners_are_reversals(accuracy, tmp_path):
+    need_shared(VIDEOS)
+    task = accuracy.build_task("camera_motion", tmp_path, num_train=12, num_val=6)
+    groups = {split: {rel.rsplit("/", 1)[1].rsplit("_", 1)[0] for rel, _ in rows(task, split)}
+              for split in ("train", "val")}
+    assert groups["val"] <= set(accuracy.VAL_GROUPS) and groups["val"]
+    assert not groups["train"] & groups["val"]  # no footage in both splits
+    partner = {a: b for a, b in accuracy.CAMERA_PAIRS} | {b: a for a, b in accuracy.CAMERA_PAIRS}
+    for split in ("train", "val"):
+        listed = rows(task, split)
+        assert len(listed) == {"train": 12, "val": 6}[split]
+        for (fwd, a), (bwd, b) in zip(listed[0::2], listed[1::2]):
+            assert partner[a] == b
+            f = decode_frames(task / fwd, list(range(accuracy.CLIP_LEN))).astype(np.float32)
+            r = decode_frames(task / bwd, list(range(accuracy.CLIP_LEN))).astype(np.float32)
+            assert np.abs(f[::-1] - r).mean() < 2.0, (fwd, bwd)  # the same frames, reversed (all-intra)
+            assert np.abs(f[0] - f[-1]).mean() > 2.0  # and the camera moved
+    # reused when built again with the same settings
+    before = (task / "train.txt").stat().st_mtime_ns
+    assert accuracy.build_task("camera_motion", tmp_path, num_train=12, num_val=6) == task
+    assert (task / "train.txt").stat().st_mtime_ns == before

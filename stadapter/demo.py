@@ -60,7 +60,7 @@ class MethodResult:
 
 
 def _train_one(method: str, task: str, s: DemoSettings, ds, out: Path, log: Callable[[str], None],
-               progress: bool) -> tuple[MethodResult, Any]:
+               progress: bool) -> MethodResult:
     from stadapter.training.api import resolve_recipe, train_task
     from stadapter.video.datasets import load_annotations
 
@@ -80,7 +80,7 @@ def _train_one(method: str, task: str, s: DemoSettings, ds, out: Path, log: Call
                          extra={"data": {"train": str(ds.train), "val": str(ds.val), "num_train": len(tr.samples),
                                          "kind": "stadapter data synth", "seed": s.seed}})
     top1 = float((outcome.metrics or {}).get("top1", float("nan")))
-    return MethodResult(method, top1, outcome.trainable_params, outcome.seconds, outcome.bundle_dir), outcome
+    return MethodResult(method, top1, outcome.trainable_params, outcome.seconds, outcome.bundle_dir)
 
 
 def run_demo(out: Path, settings: DemoSettings | None = None, register: Callable[[Path, str], str] | None = None,
@@ -109,7 +109,7 @@ def run_demo(out: Path, settings: DemoSettings | None = None, register: Callable
     results = []
     for method in ("st-adapter", "linear-probe"):
         log(f"training {method} on the frozen '{s.backbone}' backbone")
-        result, _ = _train_one(method, "demo-motion" if method == "st-adapter" else "demo-motion-probe", s, ds,
+        result = _train_one(method, "demo-motion" if method == "st-adapter" else "demo-motion-probe", s, ds,
                                out / "runs", log, progress)
         if register is not None and result.bundle_dir is not None and method == "st-adapter":
             result.registered = register(result.bundle_dir, "demo-motion")

@@ -1,4 +1,4 @@
-"""`stadapter train`, `stadapter eval` and `stadapter demo` (the offline main job)."""
+"""`stadapter train` and `stadapter eval`."""
 
 from __future__ import annotations
 

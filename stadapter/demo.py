@@ -16,8 +16,8 @@ from typing import Any
 
 from stadapter.errors import ConfigError
 
-# A small random-init CLIP-style ViT: 32 px frames in 4 px patches (an 8 x 8 grid), width 64, 2 blocks.
-DEMO_BACKBONE = "open_clip:ViT-B-16?image_size=32&patch_size=4&width=64&layers=2&head_width=32"
+# A small random-init CLIP-style ViT: 32 px frames in 4 px patches (an 8 x 8 grid), width 64, 3 blocks.
+DEMO_BACKBONE = "open_clip:ViT-B-16?image_size=32&patch_size=4&width=64&layers=3&head_width=32"
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class DemoSettings:
     frames: int = 8
     width: int = 64  # the bottleneck width r
     positions: tuple[str, ...] = ("attn", "mlp")
-    epochs: float = 20
+    epochs: float = 16
     batch_size: int = 8
     lr_per_256: float = 0.032  # 1e-3 at batch 8
     conv_lr_mult: float = 10.0

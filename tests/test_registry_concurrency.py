@@ -49,7 +49,7 @@ def _stall(where: str, conn) -> None:  # type: ignore[no-untyped-def]
 
 def _register_and_stall(db: str, home: str, mode: str, bundles: list[str], conn) -> None:  # type: ignore
     """Register ``bundles`` one by one, stalling at the point ``mode`` names (the parent SIGKILLs it there);
-    mode "none" never stalls (the parent kills it at a random moment)."""
+    mode "none" never stalls and never stops (the parent kills it at a random moment)."""
     if mode == "after-some-blobs":  # three blobs published, no row yet
         put, done = store.BlobStore.put, []
 
@@ -84,8 +84,11 @@ def _register_and_stall(db: str, home: str, mode: str, bundles: list[str], conn)
 
     with open_registry(db, Path(home)) as reg:
         conn.send("started")
-        for b in bundles:
-            reg.register(Path(b), task="killed")
+        while True:  # mode "none": register again and again, so the parent's SIGKILL lands mid-registration
+            for b in bundles:
+                reg.register(Path(b), task="killed")
+            if mode != "none":
+                break
     conn.send("finished")
 
 

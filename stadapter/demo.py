@@ -16,8 +16,8 @@ from typing import Any
 
 from stadapter.errors import ConfigError
 
-# A small random-init CLIP-style ViT: 32 px frames in 4 px patches (an 8 x 8 grid), width 64, 3 blocks.
-DEMO_BACKBONE = "open_clip:ViT-B-16?image_size=32&patch_size=4&width=64&layers=3&head_width=32"
+# A small random-init CLIP-style ViT: 48 px frames in 6 px patches (an 8 x 8 grid), width 64, 3 blocks.
+DEMO_BACKBONE = "open_clip:ViT-B-16?image_size=48&patch_size=6&width=64&layers=3&head_width=32"
 
 
 @dataclass(frozen=True)
@@ -30,13 +30,14 @@ class DemoSettings:
     """
 
     clips_per_class: int = 320  # 240 train + 80 val per class, 8 classes
-    size: int = 32  # frame width and height of the synthetic clips
+    size: int = 48  # frame width and height of the synthetic clips
     seed: int = 0
     backbone: str = DEMO_BACKBONE
     frames: int = 8
+    sampling: str = "segments"  # or "dense" (stride 2 over the 16 written frames)
     width: int = 64  # the bottleneck width r
     positions: tuple[str, ...] = ("attn", "mlp")
-    epochs: float = 16
+    epochs: float = 12
     batch_size: int = 8
     lr_per_256: float = 0.032  # 1e-3 at batch 8
     conv_lr_mult: float = 10.0
@@ -70,7 +71,7 @@ def _train_one(method: str, task: str, s: DemoSettings, ds, out: Path, log: Call
                  lr_per_256=s.probe_lr_per_256 if probe else s.lr_per_256, conv_lr_mult=s.conv_lr_mult,
                  warmup_epochs=0.25, eval_every=0, seed=s.seed, num_workers=0, checkpoint_every=10_000,
                  cache_clips=True)
-    spec = dict(num_frames=s.frames, sampling="segments", train_crop="random", scale_range=(1.0, 1.1),
+    spec = dict(num_frames=s.frames, sampling=s.sampling, frame_stride=2, train_crop="random", scale_range=(1.0, 1.1),
                 flip=False, temporal_views=1, spatial_views=1)
     recipe = resolve_recipe(task, "custom", adapter, spec, train)
     tr = load_annotations(ds.train, split="train")
@@ -91,13 +92,14 @@ def run_demo(out: Path, settings: DemoSettings | None = None, register: Callable
     import json
     import time
 
-    from stadapter.video.synthetic import CLASSES, SynthSet, generate
+    from stadapter.video.synthetic import CLASSES, DEFAULT_MOTION, SynthSet, generate
 
     s = settings or DemoSettings()
     start = time.monotonic()
     data = out / "data"
     marker = data / "synth.json"
-    want = {"seed": s.seed, "clips_per_class": s.clips_per_class, "size": s.size}
+    want = {"seed": s.seed, "clips_per_class": s.clips_per_class, "size": s.size,
+            "motion": json.loads(json.dumps(dataclasses.asdict(DEFAULT_MOTION)))}
     if marker.exists() and all(json.loads(marker.read_text()).get(k) == v for k, v in want.items()):
         meta = json.loads(marker.read_text())
         ds = SynthSet(data, data / "train.txt", data / "val.txt", data / "labels.json", CLASSES,

@@ -20,7 +20,8 @@ def demo(
     epochs: Annotated[float | None, typer.Option(help="ST-Adapter training epochs.")] = None,
     probe_epochs: Annotated[float | None, typer.Option(help="Linear-probe training epochs.")] = None,
     backbone: Annotated[str | None, typer.Option("--backbone", "-b",
-                                                 help="Backbone spec (random init; default: small).")] = None,
+                                                 help="Backbone spec (random init; default: a 3-block ViT on "
+                                                      "48 px frames in 8 x 8 patches).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the synthetic set and of training.")] = None,
     register: Annotated[bool, typer.Option("--register/--no-register",
                                            help="Register the ST-Adapter bundle as task demo-motion.")] = True,

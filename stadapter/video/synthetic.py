@@ -47,8 +47,8 @@ class MotionRanges:
     """The ranges clips are drawn from (sizes and distances as fractions of the frame size)."""
 
     objects: tuple[int, int] = (1, 3)  # objects per clip, all moving the same way
-    radius: tuple[float, float] = (0.15, 0.21)  # an object's root-mean-square radius over the clip
-    distance: tuple[float, float] = (0.4, 0.55)  # a translation over the whole clip
+    radius: tuple[float, float] = (0.2, 0.27)  # an object's root-mean-square radius over the clip
+    distance: tuple[float, float] = (0.35, 0.45)  # a translation over the whole clip
     turn_degrees: tuple[float, float] = (140.0, 200.0)  # a rotation over the whole clip
     zoom: tuple[float, float] = (2.2, 2.8)  # end / start radius of a growing object
 
@@ -62,6 +62,9 @@ class MotionRanges:
 
 
 DEFAULT_MOTION = MotionRanges()
+# the off-centre marker that shows an object's orientation: centre (u, v) and radius, in object units
+MARKER = (0.45, 0.3, 0.28)
+STRIPE_CYCLES = (1.2, 2.5)  # stripe / checker cycles across an object
 X264_OPTIONS = {"crf": "18", "preset": "medium", "threads": "1", "bframes": "0"}  # all-intra via gop_size 1
 
 
@@ -155,7 +158,7 @@ def _sample_sprite(rng: np.random.Generator) -> Sprite:
     colors[1] = 1.0 - colors[0] * rng.uniform(0.6, 1.0)  # contrasts with stripe a
     colors[3] = rng.uniform(0.0, 0.12, 3) if rng.random() < 0.5 else rng.uniform(0.88, 1.0, 3)
     return Sprite(shape=SHAPES[int(rng.integers(len(SHAPES)))], colors=colors.astype(np.float32),
-                  stripe_freq=float(rng.uniform(1.2, 2.5)), stripe_angle=float(rng.uniform(0, math.pi)),
+                  stripe_freq=float(rng.uniform(*STRIPE_CYCLES)), stripe_angle=float(rng.uniform(0, math.pi)),
                   checker=bool(rng.random() < 0.4))
 
 
@@ -205,7 +208,8 @@ def _draw(canvas: np.ndarray, sprite: Sprite, state: np.ndarray, xx: np.ndarray,
         ca, sa = math.cos(sprite.stripe_angle), math.sin(sprite.stripe_angle)
         pick = (np.mod(sprite.stripe_freq * (u * ca + v * sa), 1) < 0.5)[..., None]
     tex = np.where(pick, a, b)
-    tex = np.where((np.hypot(u - 0.45, v - 0.3) < 0.28)[..., None], marker, tex)  # off-centre: shows orientation
+    mu, mv, mr = MARKER
+    tex = np.where((np.hypot(u - mu, v - mv) < mr)[..., None], marker, tex)  # off-centre: shows orientation
     tex = tex * (1 - ring) + outline * ring
     return canvas * (1 - alpha) + tex * alpha
 

@@ -82,6 +82,7 @@ class Run:
     lr: float
     batch: int = 8
     conv_lr_mult: float = 1.0
+    head_lr_mult: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -311,7 +312,7 @@ def run_method(task_dir: str, method: str, run: Run, s: Settings, out: str) -> d
             "direction_sensitive": True}
     train = {"epochs": run.steps / per_epoch, "warmup_epochs": 0.1 * run.steps / per_epoch,
              "batch_size": run.batch, "lr_per_256": run.lr * 256 / run.batch, "conv_lr_mult": run.conv_lr_mult,
-             "num_workers": 0, "eval_every": 0, "checkpoint_every": 10 ** 6, "amp": False}
+             "head_lr_mult": run.head_lr_mult, "num_workers": 0, "eval_every": 0, "checkpoint_every": 10 ** 6, "amp": False}
     recipe = resolve_recipe(root.name, "custom", adapter, spec, train)
     with PeakRSS() as mem:
         outcome = train_task(root.name, recipe, tr.samples, tr.classes, None, s.backbone, str(WEIGHTS), Path(out),
@@ -328,7 +329,7 @@ def run_method(task_dir: str, method: str, run: Run, s: Settings, out: str) -> d
     return {"method": method, "top1": m["top1"], "per_class": m["per_class"], "confusion": m["confusion"],
             "trainable_params": outcome.trainable_params, "train_seconds": outcome.seconds,
             "eval_seconds": time.monotonic() - t0, "peak_rss_mb": peak, "steps": run.steps, "batch": run.batch,
-            "lr": run.lr, "conv_lr_mult": run.conv_lr_mult, "num_train": len(tr.samples),
+            "lr": run.lr, "conv_lr_mult": run.conv_lr_mult, "head_lr_mult": run.head_lr_mult, "num_train": len(tr.samples),
             "num_val": len(va.samples), "skipped": outcome.skipped}
 
 

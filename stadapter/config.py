@@ -168,6 +168,7 @@ class TrainConfig:
     lr_per_256: float = 1e-3
     weight_decay: float = 0.01
     conv_lr_mult: float = 1.0
+    head_lr_mult: float = 1.0  # the classifier head's learning rate over the adapters'
     grad_accum: int = 1
     amp: bool = True
     seed: int = 0
@@ -183,8 +184,8 @@ class TrainConfig:
             raise ConfigError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("batch_size and grad_accum must be >= 1")
-        if self.lr_per_256 <= 0 or self.weight_decay < 0 or self.conv_lr_mult <= 0:
-            raise ConfigError("lr_per_256 and conv_lr_mult must be positive, weight_decay >= 0")
+        if self.lr_per_256 <= 0 or self.weight_decay < 0 or self.conv_lr_mult <= 0 or self.head_lr_mult <= 0:
+            raise ConfigError("lr_per_256, conv_lr_mult and head_lr_mult must be positive, weight_decay >= 0")
         if self.checkpoint_every < 1:
             raise ConfigError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
 

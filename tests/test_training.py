@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from stadapter.config import TrainConfig
-from stadapter.errors import StadapterError
+from stadapter.errors import ConfigError, StadapterError
 from stadapter.training.api import resolve_recipe, train_task
 from stadapter.training.metrics import average_views, classification_metrics
 from stadapter.training.optim import lr_at, param_groups, scaled_lr
@@ -58,13 +58,20 @@ def test_weight_decay_only_on_weights_and_conv_multiplier():
          "adapters.0.attn.fc1.bias": torch.zeros(4, requires_grad=True),
          "adapters.0.attn.conv.weight": torch.zeros(4, 1, 3, 1, 1, requires_grad=True),
          "backbone.visual.ln_post.weight": torch.zeros(8, requires_grad=True),
-         "head.weight": torch.zeros(3, 8, requires_grad=True)}
-    groups = param_groups(t, TrainConfig(weight_decay=0.01, conv_lr_mult=10), lr=1.0)
+         "head.weight": torch.zeros(3, 8, requires_grad=True),
+         "head.bias": torch.zeros(3, requires_grad=True)}
+    groups = param_groups(t, TrainConfig(weight_decay=0.01, conv_lr_mult=10, head_lr_mult=0.1), lr=1.0)
     by_id = {id(p): g for g in groups for p in g["params"]}
+    assert len(by_id) == len(t)  # every trainable tensor in exactly one group
     assert by_id[id(t["adapters.0.attn.fc1.bias"])]["weight_decay"] == 0
     assert by_id[id(t["backbone.visual.ln_post.weight"])]["weight_decay"] == 0
     assert by_id[id(t["head.weight"])]["weight_decay"] == 0.01
+    assert by_id[id(t["head.bias"])]["weight_decay"] == 0
     assert by_id[id(t["adapters.0.attn.conv.weight"])]["lr"] == 10.0
+    assert by_id[id(t["head.weight"])]["lr"] == by_id[id(t["head.bias"])]["lr"] == pytest.approx(0.1)
+    assert by_id[id(t["adapters.0.attn.fc1.weight"])]["lr"] == 1.0
+    with pytest.raises(ConfigError, match="head_lr_mult"):
+        TrainConfig(head_lr_mult=0)
 
 
 def test_metrics_and_view_averaging():

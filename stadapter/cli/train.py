@@ -54,6 +54,7 @@ def train(
     lr: Annotated[float | None, typer.Option(help="Learning rate per 256 clips (scaled to the batch).")] = None,
     warmup_epochs: Annotated[float | None, typer.Option(help="Linear warmup epochs.")] = None,
     conv_lr_mult: Annotated[float | None, typer.Option(help="Learning-rate multiplier for the depth-wise conv.")] = None,
+    head_lr_mult: Annotated[float | None, typer.Option(help="Learning-rate multiplier for the classifier head.")] = None,
     grad_accum: Annotated[int | None, typer.Option(help="Gradient accumulation steps.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="Save a checkpoint every N steps.")] = None,
@@ -88,6 +89,7 @@ def train(
     spec = {k: v for k, v in dict(num_frames=frames, flip=flip).items() if v is not None}
     train_cfg = {k: v for k, v in dict(epochs=epochs, batch_size=batch_size, lr_per_256=lr,
                                        warmup_epochs=warmup_epochs, conv_lr_mult=conv_lr_mult,
+                                       head_lr_mult=head_lr_mult,
                                        grad_accum=grad_accum, seed=seed, checkpoint_every=checkpoint_every,
                                        num_workers=num_workers, amp=amp, cache_clips=cache_clips).items()
                  if v is not None}

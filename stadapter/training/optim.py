@@ -19,13 +19,16 @@ def scaled_lr(cfg: TrainConfig) -> float:
 
 
 def param_groups(tensors: Mapping[str, Tensor], cfg: TrainConfig, lr: float) -> list[dict]:
-    """Three groups: decayed weights, undecayed biases and norm weights (1-D), and the depth-wise conv
-    weights (decayed, with ``conv_lr_mult`` times the learning rate)."""
-    decay, no_decay, conv = [], [], []
+    """Decayed weights, undecayed biases and norm weights (1-D), the depth-wise conv weights (decayed, with
+    ``conv_lr_mult`` times the learning rate), and the classifier head (``head_lr_mult`` times; its weight
+    decayed, its bias not)."""
+    decay, no_decay, conv, head_w, head_b = [], [], [], [], []
     for name, t in tensors.items():
         if not t.requires_grad:
             continue
-        if name.endswith("conv.weight"):
+        if name.startswith("head."):
+            (head_b if t.dim() <= 1 else head_w).append(t)
+        elif name.endswith("conv.weight"):
             conv.append(t)
         elif t.dim() <= 1:
             no_decay.append(t)
@@ -35,6 +38,8 @@ def param_groups(tensors: Mapping[str, Tensor], cfg: TrainConfig, lr: float) -> 
         {"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
         {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
         {"params": conv, "weight_decay": cfg.weight_decay, "lr_scale": cfg.conv_lr_mult},
+        {"params": head_w, "weight_decay": cfg.weight_decay, "lr_scale": cfg.head_lr_mult},
+        {"params": head_b, "weight_decay": 0.0, "lr_scale": cfg.head_lr_mult},
     ]
     groups = [g for g in groups if g["params"]]
     for g in groups:

@@ -141,7 +141,11 @@ def test_motion_is_large_and_visible(seed):
 def test_decoded_clip_is_close_to_rendered(small_set):
     rendered = S.render_clip("rotate_clockwise", S.clip_rng(7, 4, 0), frames=8, size=32)
     dec = decode_frames(small_set.root / "rotate_clockwise/rotate_clockwise_0000.mp4", range(8))
-    assert np.abs(dec.astype(int) - rendered).mean() < 8
+    err = np.abs(dec.astype(int) - rendered).mean()
+    # H.264 at crf 18 with 4:2:0 chroma loses some of the small colourful textures at 32 px
+    assert err < 10
+    other = S.render_clip("rotate_clockwise", S.clip_rng(7, 4, 1), frames=8, size=32)
+    assert np.abs(dec.astype(int) - other).mean() > 3 * err  # and it is this clip, not another one
 
 
 def test_bad_settings(tmp_path):

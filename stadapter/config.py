@@ -160,7 +160,8 @@ class TaskSpec:
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation settings (official recipes: AdamW, lr 1e-3 per 256 clips scaled linearly, wd 0.01 on
-    weights only, linear warmup then cosine per step, AMP)."""
+    weights only, linear warmup then cosine per step, AMP). Adapters, head and optimizer state stay fp32 under
+    either autocast."""
 
     epochs: float = 12
     warmup_epochs: float = 2
@@ -170,7 +171,8 @@ class TrainConfig:
     conv_lr_mult: float = 1.0
     head_lr_mult: float = 1.0  # the classifier head's learning rate over the adapters'
     grad_accum: int = 1
-    amp: bool = True
+    amp: bool = True  # CUDA: fp16 backbone and autocast
+    cpu_bf16: bool = False  # CPU: bfloat16 autocast (faster where the CPU has AVX512-BF16 or AMX); opt-in
     seed: int = 0
     checkpoint_every: int = 500
     eval_every: float = 5

@@ -209,3 +209,19 @@ def test_train_registers_and_eval_reports(synth, tmp_path):
     assert 0 <= m["top1"] <= 1 and len(m["confusion"]) == 8
     bad = cli("eval", "--task", "nosuchtask", "--val", str(synth / "val.txt"), env=env, check=False)
     assert bad.returncode == 1 and "nosuchtask" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_cpu_bf16_autocast_trains_close_to_fp32_and_keeps_fp32_weights(synth, tmp_path):
+    ann = load_annotations(synth / "train.txt")
+    runs = {}
+    for bf16 in (False, True):
+        recipe = resolve_recipe("motion", None, adapter={"width": 8}, spec={"num_frames": 4},
+                                train={"epochs": 2, "batch_size": 4, "num_workers": 0, "lr_per_256": 0.05,
+                                       "cpu_bf16": bf16})
+        out = train_task("motion", recipe, ann.samples, ann.classes, None, "tiny", "none", tmp_path / str(bf16),
+                         log=lambda m: None, progress=False, device="cpu")
+        runs[bf16] = load_file(str(out.bundle_dir / "adapter.safetensors"))
+    fp32, bf16 = runs[False], runs[True]
+    assert all(t.dtype == torch.float32 for t in bf16.values()), "bf16 autocast keeps the trained tensors fp32"
+    diff = max(float((fp32[k] - bf16[k]).abs().max() / fp32[k].abs().max().clamp_min(1e-8)) for k in fp32)
+    assert 0 < diff < 0.1, f"bf16 steps should be close to fp32 but not bit-equal (relative diff {diff})"

@@ -64,6 +64,10 @@ def train(
                                                           "datasets; loads in the training process).")] = None,
     flip: Annotated[bool | None, typer.Option("--flip/--no-flip", help="Horizontal flip in training.")] = None,
     amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="Half-precision backbone on CUDA.")] = None,
+    cpu_bf16: Annotated[bool | None, typer.Option("--cpu-bf16/--no-cpu-bf16",
+                                                  help="bfloat16 autocast when training on CPU (faster on CPUs "
+                                                       "with AVX512-BF16 or AMX; adapters, head and optimizer "
+                                                       "stay fp32).")] = None,
     out: Annotated[Path | None, typer.Option(help="Run directory (checkpoint, metrics, curves, bundle). "
                                                   "Default: runs/TASK.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the run directory's checkpoint.")] = False,
@@ -91,7 +95,7 @@ def train(
                                        warmup_epochs=warmup_epochs, conv_lr_mult=conv_lr_mult,
                                        head_lr_mult=head_lr_mult,
                                        grad_accum=grad_accum, seed=seed, checkpoint_every=checkpoint_every,
-                                       num_workers=num_workers, amp=amp, cache_clips=cache_clips).items()
+                                       num_workers=num_workers, amp=amp, cpu_bf16=cpu_bf16, cache_clips=cache_clips).items()
                  if v is not None}
     r = resolve_recipe(task, recipe, adapter, spec, train_cfg)
     tr = load_annotations(train_annotations, split="train", root=root)

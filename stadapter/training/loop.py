@@ -116,6 +116,25 @@ def micro_batches(global_batch: list[int], info: D.DistInfo, accum: int) -> list
     return [mine[m * size:(m + 1) * size] for m in range(accum)]
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX), read from /proc/cpuinfo (Linux)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of training steps: fp16 on CUDA with ``amp``, bf16 on CPU with ``cpu_bf16``, else
+    None (fp32)."""
+    if device.type == "cuda" and cfg.amp:
+        return torch.float16
+    if device.type == "cpu" and cfg.cpu_bf16:
+        return torch.bfloat16
+    return None
+
+
 def run_training(job: TrainJob, model: VideoViT, info: D.DistInfo, resume: bool = False) -> TrainResult:
     cfg, out = job.train, job.out
     device = next(model.backbone.parameters()).device
@@ -129,8 +148,10 @@ def run_training(job: TrainJob, model: VideoViT, info: D.DistInfo, resume: bool 
     tensors = model.init_adapter_set(torch.Generator().manual_seed(cfg.seed))
     module = AdapterParams(model, {k: v.to(device) for k, v in tensors.items()}, cfg.seed)
     opt = make_optimizer(module.tensors(), cfg, peak)
-    use_amp = cfg.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    amp_dtype = autocast_dtype(cfg, device)
+    if amp_dtype is torch.bfloat16 and info.is_main and not cpu_has_fast_bf16():
+        job.log("cpu_bf16: this CPU reports neither AVX512-BF16 nor AMX; bf16 steps may be slower than fp32")
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)  # bf16 needs no loss scaling
     step = 0
     ckpt_path = out / CHECKPOINT
     signature = _signature(job, batch, total)
@@ -166,7 +187,7 @@ def run_training(job: TrainJob, model: VideoViT, info: D.DistInfo, resume: bool 
                     skips.update(ok=len(ids), skipped=skipped)
                     sync = m == cfg.grad_accum - 1 or not info.enabled
                     ctx = ddp.no_sync() if (info.enabled and not sync) else _null()
-                    with ctx, torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                    with ctx, torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                         if len(ids):
                             logits = ddp(clips.to(device, non_blocking=True), ids, epoch)
                             loss = F.cross_entropy(logits.float(), labels.to(device), reduction="sum")

@@ -169,13 +169,15 @@ def test_alias_changes_are_picked_up_after_the_ttl(reg, tmp_path, tiny_backbone)
     v1, t1, m = register(reg, tmp_path, tiny_backbone, "aliased", seed=1, num_classes=4)
     v2, t2, _ = register(reg, tmp_path, tiny_backbone, "aliased", seed=2, num_classes=4)
     reg.set_alias("aliased", "production", 1)
-    engine = engine_for(reg, tiny_backbone, alias_ttl=0.2)
+    now = [100.0]  # a clock the test drives, so a slow machine cannot outrun the TTL
+    engine = engine_for(reg, tiny_backbone, alias_ttl=30.0, clock=lambda: now[0])
     x = clips(1, seed=9)
     assert engine.resolve("aliased").name == "aliased:1"
     assert close(torch.stack(engine.forward(list(x), [engine.resolve("aliased")])), reference(m, t1, x))
     reg.set_alias("aliased", "production", 2)
+    now[0] += 29.0
     assert engine.resolve("aliased").name == "aliased:1"  # still within the TTL
-    time.sleep(0.25)
+    now[0] += 1.5
     h = engine.resolve("aliased")
     assert h.name == "aliased:2"
     assert close(torch.stack(engine.forward(list(x), [h])), reference(m, t2, x))

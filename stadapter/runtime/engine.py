@@ -23,7 +23,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -111,7 +111,8 @@ class Engine:
                  dtype: torch.dtype | None = None, max_resident: int | None = 64,
                  max_resident_bytes: int | None = None, host_max_bytes: int | None = 8 << 30,
                  alias_ttl: float | None = None, mmap: bool | None = None, compile: str | None = None,
-                 prefetch_workers: int = 1) -> None:
+                 prefetch_workers: int = 1, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock  # the alias TTL's time source (seconds; monotonic)
         self.device = pick_device(device) if not isinstance(device, torch.device) else device
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.fingerprint = backbone.fingerprint()  # computed in fp32 by load_backbone, before any cast
@@ -174,7 +175,7 @@ class Engine:
         names are re-resolved after ``alias_ttl`` seconds (None: never); ``task:N`` never changes."""
         from stadapter.registry import parse_ref
 
-        now = time.monotonic()
+        now = self.clock()
         with self._lock:
             hit = self._resolved.get(ref)
             if hit is not None and not refresh and now < hit.expires:

@@ -48,3 +48,18 @@ def test_camera_motion_task_is_split_by_source_and_partners_are_reversals(accura
     before = (task / "train.txt").stat().st_mtime_ns
     assert accuracy.build_task("camera_motion", tmp_path, num_train=12, num_val=6) == task
     assert (task / "train.txt").stat().st_mtime_ns == before
+
+
+def test_the_footage_plays_forward_or_backward_independent_of_the_label(accuracy):
+    # a textured source whose brightness rises frame by frame, so a clip's own arrow of time can be read off
+    rng = np.random.default_rng(0)
+    texture = rng.integers(20, 120, size=(1, 176, 176, 3))
+    frames = (texture + 3 * np.arange(40)[:, None, None, None]).astype(np.uint8)
+    rising = {name: [] for pair in accuracy.CAMERA_PAIRS for name in pair}
+    for seed in range(60):
+        made = accuracy.camera_clips(frames, 10.0, seed, np.random.default_rng(seed))
+        assert made is not None
+        for clip, label in made:
+            rising[label].append(float(clip[-1].mean()) > float(clip[0].mean()))
+    for label, seen in rising.items():
+        assert len(seen) == 20 and 4 <= sum(seen) <= 16, (label, sum(seen))  # both ways, for every label

@@ -177,7 +177,7 @@ def camera_boxes(forward: str, H: int, W: int, rng: np.random.Generator) -> np.n
     short = min(H, W)
     if forward == "zoom_in":
         h0 = short * rng.uniform(0.40, 0.5)
-        h = h0 * rng.uniform(1.6, 2.2) ** -t  # geometric: a steady zoom
+        h = h0 * rng.uniform(2.4, 3.0) ** -t  # geometric: a steady zoom (2.4-3.0x: at 1.6-2.2x, zooms lagged pans)
         cx, cy = rng.uniform(h0, W - h0), rng.uniform(h0, H - h0)
         return np.stack([np.full(CLIP_LEN, cx), np.full(CLIP_LEN, cy), h], 1)
     h = short * rng.uniform(0.28, 0.34)
@@ -257,7 +257,7 @@ def build_task(name: str, work: Path, num_train: int, num_val: int, seed: int = 
     """The task's folder under ``work`` (reused when it was built with the same settings)."""
     root = work / name
     stamp = {"task": name, "train": num_train, "val": num_val, "seed": seed, "clip_len": CLIP_LEN,
-             "write_size": WRITE_SIZE, "val_groups": list(VAL_GROUPS), "version": 2}
+             "write_size": WRITE_SIZE, "val_groups": list(VAL_GROUPS), "version": 3}
     if (root / "task.json").is_file() and json.loads((root / "task.json").read_text()) == stamp:
         return root
     root.mkdir(parents=True, exist_ok=True)

@@ -16,10 +16,12 @@ copies, optimizer state and activations, on top of the imported libraries.
 
     python benchmarks/accuracy.py            # the full run: all six methods on camera motion (480 / 48 clips),
                                              # ST-Adapter and the linear probe on the other two; 84 px, 8 frames
-    python benchmarks/accuracy.py --quick    # CI (.ci/run): camera motion (240 / 48 clips), ST-Adapter (450
-                                             # steps) vs linear probe (100 steps); exits 1 unless the gap is >= 20
-                                             # points (about 8 min on 2 cores with bf16)
+    python benchmarks/accuracy.py --quick    # CI (.ci/run): camera motion (240 / 48 clips, 4 frames at stride
+                                             # 4), ST-Adapter (260 steps) vs linear probe (100 steps); exits 1
+                                             # unless the gap is >= 20 points (about 9 min on 2 cores with bf16)
 
+Training clips get label-preserving content augmentation when the task is built: the source window is mirrored,
+flipped upside down and transposed at random BEFORE the camera move (camera motion; arrow of time: mirror only).
 Training uses bf16 autocast (``TrainConfig.cpu_bf16``) where the CPU has AVX512-BF16 or AMX, fp32 elsewhere;
 evaluation is fp32. Each source window plays forward or backward at random before the camera move, so the
 content's own arrow of time says nothing about the label. Timings and results: BENCHMARKS.md.

@@ -3,7 +3,9 @@
 Tasks, all written as real all-intra H.264 files with ``path label`` lists that the product's loaders read:
   camera_motion  16-frame virtual camera moves over real frames (pan left/right/up/down, zoom in/out). Each
                  forward move (pan right, pan down, zoom in) has a partner that is exactly its frame sequence
-                 reversed, so averaging over time is capped at 50% by construction.
+                 reversed, so averaging over time is capped at 50% by construction. Only source windows whose
+                 own picture stays put (drift <= MAX_SOURCE_DRIFT px, phase correlation) are used, in both
+                 splits: over a panning handheld camera the label would not say which way the picture moves.
   arrow_of_time  forward vs reversed playback of real windows (reported only).
   synthetic      the set of ``stadapter data synth`` (stadapter.video.synthetic.generate).
 Real footage is split by SOURCE VIDEO: validation clips come from videos no training clip comes from.
@@ -57,6 +59,10 @@ WEIGHTS = ROOT.parent / "shared" / "models" / "dinov2_vits14_imgfocus_timm.safet
 CLIP_LEN = 16  # frames per written clip
 WRITE_SIZE = 128  # written clips are WRITE_SIZE^2; the loader resizes and crops to the model's size
 SOURCE_SHORT = 176  # source frames are decoded with this short side
+# Camera motion draws only windows whose own picture stays put: where the source camera pans by itself, or an
+# object that fills the frame crosses it, the picture drifts by as much as the virtual camera moves it (a pan
+# moves the crop by 35-72 px of the source), and the label no longer says which way the picture moves.
+MAX_SOURCE_DRIFT = 15.0  # px of the source frames (short side SOURCE_SHORT) over the window (source_drift)
 
 # Source videos, grouped so that two files of the same footage never land on both sides of the split.
 GROUPS = {
@@ -177,6 +183,25 @@ def window(frames: np.ndarray, fps: float, rng: np.random.Generator) -> np.ndarr
     return None if cut else win
 
 
+def frame_shift(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Whole-pixel translation (dx, dy) of grey frame ``b`` against ``a`` by phase correlation (Hann-windowed)."""
+    hann = np.outer(np.hanning(a.shape[0]), np.hanning(a.shape[1]))
+    cross = np.fft.fft2(b * hann) * np.conj(np.fft.fft2(a * hann))
+    corr = np.fft.ifft2(cross / (np.abs(cross) + 1e-9)).real
+    iy, ix = np.unravel_index(int(np.argmax(corr)), corr.shape)
+    H, W = corr.shape
+    return np.array([ix - W if ix > W // 2 else ix, iy - H if iy > H // 2 else iy], dtype=float)
+
+
+def source_drift(win: np.ndarray, hop: int = 5) -> float:
+    """How far the source window's own picture drifts over the window (pixels of the source frames): the length
+    of the summed phase-correlation shifts between frames ``hop`` apart. A camera that pans by itself, or an
+    object that fills the frame and crosses it, drifts by tens of pixels; a steady camera gives 0-2, and a
+    shaking one little, as its shifts cancel."""
+    grey = win.astype(np.float32).mean(-1)
+    return float(np.hypot(*sum(frame_shift(grey[t], grey[t + hop]) for t in range(0, len(grey) - hop, hop))))
+
+
 def camera_boxes(forward: str, H: int, W: int, rng: np.random.Generator) -> np.ndarray:
     """(CLIP_LEN, 3) crop boxes of a forward move: pan right / pan down at constant speed, or a steady zoom in."""
     t = np.linspace(0.0, 1.0, CLIP_LEN)
@@ -248,10 +273,10 @@ def augment_source(win: np.ndarray, rng: np.random.Generator, rotate: bool) -> n
 
 
 def camera_clips(frames: np.ndarray, fps: float, k: int, rng: np.random.Generator, augment: bool = False,
-                 min_energy: float = 2.0):
+                 min_energy: float = 2.0, max_source_drift: float = MAX_SOURCE_DRIFT):
     forward, backward = CAMERA_PAIRS[k % len(CAMERA_PAIRS)]
     win = window(frames, fps, rng)
-    if win is None:
+    if win is None or source_drift(win) > max_source_drift:  # the label must be the virtual camera's move
         return None
     if augment:
         win = augment_source(win, rng, rotate=True)
@@ -282,7 +307,8 @@ def build_task(name: str, work: Path, num_train: int, num_val: int, seed: int = 
     """The task's folder under ``work`` (reused when it was built with the same settings)."""
     root = work / name
     stamp = {"task": name, "train": num_train, "val": num_val, "seed": seed, "clip_len": CLIP_LEN,
-             "write_size": WRITE_SIZE, "val_groups": list(VAL_GROUPS), "version": 4}
+             "write_size": WRITE_SIZE, "val_groups": list(VAL_GROUPS), "version": 5,
+             "max_source_drift": MAX_SOURCE_DRIFT}
     if (root / "task.json").is_file() and json.loads((root / "task.json").read_text()) == stamp:
         return root
     root.mkdir(parents=True, exist_ok=True)

@@ -63,3 +63,27 @@ def test_the_footage_plays_forward_or_backward_independent_of_the_label(accuracy
             rising[label].append(float(clip[-1].mean()) > float(clip[0].mean()))
     for label, seen in rising.items():
         assert len(seen) == 20 and 4 <= sum(seen) <= 16, (label, sum(seen))  # both ways, for every label
+
+
+def panning_source(px_per_frame: float, n: int = 40, seed: int = 0) -> np.ndarray:
+    """A textured scene seen by a camera that pans right by ``px_per_frame`` (n frames, 176 x 176)."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 255, size=(11, (176 + int(abs(px_per_frame) * n)) // 16 + 2, 3))
+    scene = np.kron(blocks, np.ones((16, 16, 1))).astype(np.uint8)  # 16 px blocks: no "scene cut" at 3 px a frame
+    return np.stack([scene[:, int(round(px_per_frame * t)):int(round(px_per_frame * t)) + 176] for t in range(n)])
+
+
+def test_source_drift_reads_the_footages_own_pan_and_ignores_shake(accuracy):
+    assert accuracy.source_drift(panning_source(0.0)[:16]) == 0.0
+    assert accuracy.source_drift(panning_source(2.0)[:16]) == pytest.approx(30.0, abs=1.0)  # 15 frames x 2 px
+    shake = panning_source(4.0)[[0, 1] * 8]  # back and forth by 4 px: no drift
+    assert accuracy.source_drift(shake) < 5.0
+
+
+def test_camera_clips_come_only_from_footage_that_stays_put(accuracy):
+    rng = np.random.default_rng(0)
+    for seed in range(5):  # a camera that pans by itself: every window is refused
+        assert accuracy.window(panning_source(3.0), 10.0, rng) is not None  # (not for a scene cut)
+        assert accuracy.camera_clips(panning_source(3.0), 10.0, seed, rng) is None
+    made = [accuracy.camera_clips(panning_source(0.3), 10.0, seed, rng) for seed in range(5)]
+    assert all(m is not None for m in made)  # a steady camera (drift 4.5 px over the window) is kept

@@ -16,11 +16,12 @@ fresh process so that its peak memory can be read: ``peak_rss_mb`` is the growth
 resident set size (sampled every 20 ms) over what it held just before training: the backbone weights, trainable
 copies, optimizer state and activations, on top of the imported libraries.
 
-    python benchmarks/accuracy.py            # the full run: all six methods on camera motion (480 / 48 clips),
-                                             # ST-Adapter and the linear probe on the other two; 84 px, 8 frames
+    python benchmarks/accuracy.py            # the full run (about 31 min on 2 cores): all six methods on
+                                             # camera motion (480 / 48 clips), ST-Adapter and the linear probe
+                                             # on the other two; 84 px, 8 frames
     python benchmarks/accuracy.py --quick    # CI (.ci/run): camera motion (240 / 48 clips, 4 frames at stride
                                              # 4), ST-Adapter (260 steps) vs linear probe (100 steps); exits 1
-                                             # unless the gap is >= 20 points (about 9 min on 2 cores with bf16)
+                                             # unless the gap is >= 20 points (about 4 min on 2 cores with bf16)
 
 Training clips get label-preserving content augmentation when the task is built: the source window is mirrored,
 flipped upside down and transposed at random BEFORE the camera move (camera motion; arrow of time: mirror only).

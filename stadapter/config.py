@@ -10,17 +10,22 @@ import dataclasses
 import json
 import warnings
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 from stadapter import __version__
 from stadapter.errors import ConfigError
 
 POSITIONS = ("attn", "mlp")
 METHODS = ("st-adapter", "adapter", "linear-probe", "bitfit", "partial", "full")
-ACTIVATIONS = ("none", "gelu", "quick_gelu", "relu")
+ACTIVATIONS = ("none", "gelu", "quick_gelu", "relu")  # the one list; model/adapter.py maps each to its function
 POOLS = ("cls", "patch-mean")
+# The backbone a command builds when neither a task nor --backbone names one: CLIP ViT-B/16, as in the paper.
+DEFAULT_BACKBONE = "open_clip:ViT-B-16"
 
-T = TypeVar("T")
+T = TypeVar("T", bound="DataclassInstance")
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,12 @@ class AdapterConfig:
             raise ConfigError(f"unknown pool {self.pool!r}; choose one of {', '.join(POOLS)}")
 
     @property
+    def act(self) -> str:
+        """The activation's name, with the method's default filled in (``activation`` is None only before
+        ``__post_init__`` ran)."""
+        return self.activation or "none"
+
+    @property
     def has_adapters(self) -> bool:
         return self.method in ("st-adapter", "adapter")
 
@@ -96,7 +107,7 @@ class AdapterConfig:
         return to_dict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "AdapterConfig":
+    def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
         return from_dict(cls, data)
 
 
@@ -153,7 +164,7 @@ class TaskSpec:
         return to_dict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TaskSpec":
+    def from_dict(cls, data: dict[str, Any]) -> TaskSpec:
         return from_dict(cls, data)
 
 
@@ -195,7 +206,7 @@ class TrainConfig:
         return to_dict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         return from_dict(cls, data)
 
 
@@ -234,4 +245,5 @@ def dumps(payload: dict[str, Any]) -> str:
     return json.dumps({**payload, "stadapter_version": __version__}, sort_keys=True, indent=2) + "\n"
 
 
-__all__ = ["AdapterConfig", "TaskSpec", "TrainConfig", "METHODS", "POSITIONS", "ACTIVATIONS", "POOLS", "to_dict", "from_dict", "dumps"]
+__all__ = ["ACTIVATIONS", "DEFAULT_BACKBONE", "METHODS", "POOLS", "POSITIONS", "AdapterConfig", "TaskSpec",
+           "TrainConfig", "dumps", "from_dict", "to_dict"]

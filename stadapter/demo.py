@@ -12,9 +12,13 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stadapter.errors import ConfigError
+
+if TYPE_CHECKING:
+    from stadapter.registry import Registry
+    from stadapter.video.synthetic import SynthSet
 
 # A small random-init CLIP-style ViT: 48 px frames in 6 px patches (an 8 x 8 grid), width 64, 3 blocks.
 DEMO_BACKBONE = "open_clip:ViT-B-16?image_size=48&patch_size=6&width=64&layers=3&head_width=32"
@@ -60,8 +64,8 @@ class MethodResult:
     registered: str | None = None
 
 
-def _train_one(method: str, task: str, s: DemoSettings, ds, out: Path, log: Callable[[str], None],
-               progress: bool) -> MethodResult:
+def _train_one(method: str, task: str, s: DemoSettings, ds: SynthSet, out: Path, log: Callable[[str], None],
+               progress: bool, registry: Registry | str | None = None, register: bool = False) -> MethodResult:
     from stadapter.training.api import resolve_recipe, train_task
     from stadapter.video.datasets import load_annotations
 
@@ -79,16 +83,20 @@ def _train_one(method: str, task: str, s: DemoSettings, ds, out: Path, log: Call
     outcome = train_task(task, recipe, tr.samples, tr.classes, va.samples, s.backbone, "none", out / method,
                          device="cpu", log=log, progress=progress,
                          extra={"data": {"train": str(ds.train), "val": str(ds.val), "num_train": len(tr.samples),
-                                         "kind": "stadapter data synth", "seed": s.seed}})
+                                         "kind": "stadapter data synth", "seed": s.seed}},
+                         register=register, registry=registry, source={"kind": "demo"}, data="stadapter data synth")
     top1 = float((outcome.metrics or {}).get("top1", float("nan")))
-    return MethodResult(method, top1, outcome.trainable_params, outcome.seconds, outcome.bundle_dir)
+    return MethodResult(method, top1, outcome.trainable_params, outcome.seconds, outcome.bundle_dir,
+                        outcome.registered)
 
 
-def run_demo(out: Path, settings: DemoSettings | None = None, register: Callable[[Path, str], str] | None = None,
-             log: Callable[[str], None] = print, progress: bool = True) -> dict[str, Any]:
+def run_demo(out: Path, settings: DemoSettings | None = None, register: bool = False,
+             registry: Registry | str | None = None, log: Callable[[str], None] = print,
+             progress: bool = True) -> dict[str, Any]:
     """Generate the synthetic set under ``out/data`` (reused when it is already there with the same settings),
-    train both methods under ``out/runs``, and return their figures. ``register(bundle_dir, task)`` records the
-    ST-Adapter bundle and returns its reference (``demo-motion:1``)."""
+    train both methods under ``out/runs``, and return their figures. With ``register``, the ST-Adapter bundle
+    is registered as task ``demo-motion`` in ``registry`` (an open registry or a database URL; None: the
+    default database) and its reference (``demo-motion:1``) is in the figures."""
     import json
     import time
 
@@ -111,10 +119,9 @@ def run_demo(out: Path, settings: DemoSettings | None = None, register: Callable
     results = []
     for method in ("st-adapter", "linear-probe"):
         log(f"training {method} on the frozen '{s.backbone}' backbone")
-        result = _train_one(method, "demo-motion" if method == "st-adapter" else "demo-motion-probe", s, ds,
-                               out / "runs", log, progress)
-        if register is not None and result.bundle_dir is not None and method == "st-adapter":
-            result.registered = register(result.bundle_dir, "demo-motion")
+        adapters = method == "st-adapter"
+        result = _train_one(method, "demo-motion" if adapters else "demo-motion-probe", s, ds, out / "runs", log,
+                            progress, registry, register and adapters)
         results.append(result)
     return {"settings": dataclasses.asdict(s), "num_train": ds.num_train, "num_val": ds.num_val,
             "chance": 1 / len(CLASSES), "seconds": time.monotonic() - start,

@@ -29,6 +29,10 @@ class RegistryError(StadapterError):
     """An unknown task, version or alias, a refused registry change, or a database at the wrong schema."""
 
 
+class RegistryUnavailable(RegistryError):
+    """The registry database cannot be reached or failed while answering (an outage, not a missing task)."""
+
+
 class DecodeError(StadapterError):
     """A video file that is missing, empty, truncated or cannot be decoded."""
 

@@ -25,24 +25,31 @@ What this module guarantees:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
 import re
 import shutil
-import struct
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from stadapter import __version__
-from stadapter.bundle import (FORMAT_VERSION, MANIFEST, PICKLE_SUFFIXES, check_file_names, sha256_file,
-                              verify_bundle)
+from stadapter.bundle import (
+    MANIFEST,
+    PICKLE_SUFFIXES,
+    check_content,
+    check_file_names,
+    load_manifest,
+    read_config,
+    sha256_file,
+    verify_bundle,
+)
 from stadapter.errors import BundleError, HubError
+from stadapter.fsio import publish_dir
 
 log = logging.getLogger(__name__)
 
@@ -401,14 +408,40 @@ def push(bundle_dir: str | Path, repo: str, *, endpoint: str | None = None, toke
     if is_offline():
         raise HubError(f"push to {repo}: HF_HUB_OFFLINE is set; pushing needs the network")
     hub = _Hub(endpoint, token, timeout)
-    api = hub.api
     rev = branch or "main"
+    repo_created = _prepare_repo(hub, repo, private, branch)
+    if tag:
+        # An existing tag must already hold exactly this bundle (re-pushing an old version is a no-op, even
+        # after newer versions moved the branch on); checked before anything is committed.
+        tagged = _tag_target(hub, repo, tag)
+        if tagged is not None:
+            if not _holds_bundle(bundle_dir, names, hub.snapshot(repo, tagged, files_metadata=True)[1]):
+                raise HubError(f"tag {tag} on {repo} already points at commit {tagged[:12]}, which holds a different "
+                               f"bundle. Tags are never moved; push to another repo, or delete the tag on the Hub "
+                               f"first")
+            return PushResult(repo=repo, commit=tagged, tag=tag, url=f"{hub.endpoint}/{repo}/tree/{tagged}",
+                              created=False, repo_created=repo_created, branch=rev)
+
+    title = message or f"stadapter: upload bundle{f' {tag}' if tag else ''}"
+    def commit_step() -> tuple[str, bool]:
+        return _commit_bundle(hub, repo, rev, bundle_dir, names, title)
+
+    commit, created = hub.call(f"push to {repo}@{rev}", commit_step, repo=repo, revision=rev)
+    if tag:
+        _ensure_tag(hub, repo, tag, commit)
+    return PushResult(repo=repo, commit=commit, tag=tag or None, url=f"{hub.endpoint}/{repo}/tree/{commit}",
+                      created=created, repo_created=repo_created, branch=rev)
+
+
+def _prepare_repo(hub: _Hub, repo: str, private: bool, branch: str | None) -> bool:
+    """Create ``repo`` when absent (True if this call created it) and ``branch`` (from main) when absent."""
+    api = hub.api
 
     def create() -> bool:
         try:
             api.create_repo(repo, private=private, exist_ok=False)
             return True
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             if _status(e) == 409:
                 return False
             raise
@@ -421,43 +454,29 @@ def push(bundle_dir: str | Path, repo: str, *, endpoint: str | None = None, toke
                 api.create_branch(repo, branch=branch, exist_ok=True)
 
         hub.call(f"create branch {branch} in {repo}", make_branch, repo=repo, revision=branch)
+    return repo_created
 
+
+def _holds_bundle(bundle_dir: Path, names: list[str], remote: dict[str, Any]) -> bool:
+    """Whether a remote tree holds exactly the bundle's files (besides .gitattributes), byte for byte."""
+    stale = set(remote) - set(names) - IGNORED_REMOTE
+    return not stale and all(_same_file(bundle_dir / n, remote.get(n)) for n in names)
+
+
+def _commit_bundle(hub: _Hub, repo: str, rev: str, bundle_dir: Path, names: list[str], title: str) -> tuple[str, bool]:
+    """One commit on ``rev`` that makes its tree the bundle: (commit, whether a new commit was made). Reads the
+    remote state first, so a retry after an attempt that did commit sees it and makes no second commit."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
-    def holds_bundle(remote: dict[str, Any]) -> bool:
-        stale = set(remote) - set(names) - IGNORED_REMOTE
-        return not stale and all(_same_file(bundle_dir / n, remote.get(n)) for n in names)
-
-    if tag:
-        # An existing tag must already hold exactly this bundle (re-pushing an old version is a no-op, even
-        # after newer versions moved the branch on); checked before anything is committed.
-        tagged = _tag_target(hub, repo, tag)
-        if tagged is not None:
-            if not holds_bundle(hub.snapshot(repo, tagged, files_metadata=True)[1]):
-                raise HubError(f"tag {tag} on {repo} already points at commit {tagged[:12]}, which holds a different "
-                               f"bundle. Tags are never moved; push to another repo, or delete the tag on the Hub "
-                               f"first")
-            return PushResult(repo=repo, commit=tagged, tag=tag, url=f"{hub.endpoint}/{repo}/tree/{tagged}",
-                              created=False, repo_created=repo_created, branch=rev)
-
-    def commit_step() -> tuple[str, bool]:
-        # Re-read the remote state on every attempt: if an earlier attempt did commit, this one sees it.
-        head, remote = hub.snapshot(repo, rev, files_metadata=True)
-        if holds_bundle(remote):
-            return head, False
-        stale = sorted(set(remote) - set(names) - IGNORED_REMOTE)
-        ops: list[Any] = [CommitOperationAdd(path_in_repo=n, path_or_fileobj=str(bundle_dir / n)) for n in names]
-        ops += [CommitOperationDelete(path_in_repo=n) for n in stale]
-        title = message or f"stadapter: upload bundle{f' {tag}' if tag else ''}"
-        info = api.create_commit(repo, ops, commit_message=title, revision=rev, parent_commit=head,
+    head, remote = hub.snapshot(repo, rev, files_metadata=True)
+    if _holds_bundle(bundle_dir, names, remote):
+        return head, False
+    stale = sorted(set(remote) - set(names) - IGNORED_REMOTE)
+    ops: list[Any] = [CommitOperationAdd(path_in_repo=n, path_or_fileobj=str(bundle_dir / n)) for n in names]
+    ops += [CommitOperationDelete(path_in_repo=n) for n in stale]
+    info = hub.api.create_commit(repo, ops, commit_message=title, revision=rev, parent_commit=head,
                                  commit_description=f"Pushed by stadapter {__version__}.")
-        return info.oid, info.oid != head
-
-    commit, created = hub.call(f"push to {repo}@{rev}", commit_step, repo=repo, revision=rev)
-    if tag:
-        _ensure_tag(hub, repo, tag, commit)
-    return PushResult(repo=repo, commit=commit, tag=tag or None, url=f"{hub.endpoint}/{repo}/tree/{commit}",
-                      created=created, repo_created=repo_created, branch=rev)
+    return info.oid, info.oid != head
 
 
 def _tag_target(hub: _Hub, repo: str, tag: str) -> str | None:
@@ -475,7 +494,7 @@ def _ensure_tag(hub: _Hub, repo: str, tag: str, commit: str) -> None:
             return
         try:
             hub.api.create_tag(repo, tag=tag, revision=commit, tag_message=f"stadapter {tag}")
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # a 409 is checked below; anything else goes to hub.call
             if _status(e) != 409:
                 raise
             run()  # created concurrently (or by an earlier attempt): check where it points
@@ -524,47 +543,6 @@ def resolve_revision(repo: str, revision: str | None = None, *, endpoint: str | 
     return _Hub(endpoint, token, timeout).commit_of(repo, revision)
 
 
-def _is_pickle(head: bytes) -> bool:
-    return (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")) or head[:4] == b"PK\x03\x04"
-
-
-def check_content(path: Path, name: str, where: str) -> None:
-    """Refuse a file whose bytes do not fit its name: a safetensors file with a valid header, JSON that
-    parses, UTF-8 text, a PNG; and no pickle (or torch zip) under any name."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(16)
-        if name.endswith(".safetensors"):
-            ok = False
-            if len(head) >= 9:
-                n = struct.unpack("<Q", head[:8])[0]
-                if 2 <= n <= size - 8:
-                    f.seek(8)
-                    try:
-                        ok = isinstance(json.loads(f.read(n)), dict)
-                    except ValueError:
-                        ok = False
-            if not ok:
-                what = "a pickle" if _is_pickle(head) else "not a safetensors file"
-                raise BundleError(f"{where}: refusing {name}: {what}")
-            return
-        if _is_pickle(head):
-            raise BundleError(f"{where}: refusing {name}: it is a pickle")
-        f.seek(0)
-        if name.endswith(".json"):
-            try:
-                json.loads(f.read().decode("utf-8"))
-            except ValueError as e:
-                raise BundleError(f"{where}: refusing {name}: not valid JSON ({e})") from None
-        elif name.endswith(".md"):
-            try:
-                f.read().decode("utf-8")
-            except UnicodeDecodeError:
-                raise BundleError(f"{where}: refusing {name}: not UTF-8 text") from None
-        elif name.endswith(".png") and head[:8] != b"\x89PNG\r\n\x1a\n":
-            raise BundleError(f"{where}: refusing {name}: not a PNG image")
-
-
 def _forget(path: Path) -> None:
     """Drop a bad file from the cache (snapshot link and blob), so a later pull downloads it again."""
     try:
@@ -574,25 +552,6 @@ def _forget(path: Path) -> None:
             blob.unlink(missing_ok=True)
     except OSError:
         pass
-
-
-def _read_manifest(path: Path, where: str) -> dict[str, Any]:
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise BundleError(f"{where}: cannot read {MANIFEST}: {e}") from None
-    if not isinstance(manifest, dict):
-        raise BundleError(f"{where}: {MANIFEST} is not a JSON object")
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise BundleError(f"{where} holds a bundle of format version {version}; this stadapter ({__version__}) "
-                          f"reads version {FORMAT_VERSION}")
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not all(
-            isinstance(e, dict) and isinstance(e.get("sha256"), str) and isinstance(e.get("size"), int)
-            for e in files.values()):
-        raise BundleError(f"{where}: {MANIFEST} does not list files with sha256 and size")
-    return manifest
 
 
 def pull(repo: str, revision: str | None = None, *, endpoint: str | None = None, token: str | None = None,
@@ -626,56 +585,48 @@ def pull(repo: str, revision: str | None = None, *, endpoint: str | None = None,
     where = f"{repo}@{revision}" + (f" (commit {commit[:12]})" if revision != commit else "")
 
     if remote is not None:
-        pickles = sorted(n for n in remote if n.lower().endswith(PICKLE_SUFFIXES))
-        if pickles:
-            raise BundleError(f"{where}: refusing pickle file(s) {', '.join(pickles)}")
-        if MANIFEST not in remote:
-            raise BundleError(f"{where} is not a stadapter bundle: it has no {MANIFEST}")
+        _check_remote_names(where, remote)
     manifest_path = hub.download(repo, MANIFEST, commit, cache, offline)
-    manifest = _read_manifest(manifest_path, where)
-    listed: dict[str, dict[str, Any]] = manifest["files"]
-    bad_names = sorted(n for n in listed if "/" in n or "\\" in n or n.startswith(".") or n == MANIFEST)
-    if bad_names:
-        raise BundleError(f"{where}: {MANIFEST} lists unsafe file name(s) {', '.join(bad_names)}")
+    listed: dict[str, dict[str, Any]] = load_manifest(manifest_path, where)["files"]  # names, sizes, digests
     check_file_names(set(listed), f"{where} {MANIFEST}")
     if remote is not None:
-        unlisted = sorted(remote - set(listed) - {MANIFEST} - IGNORED_REMOTE)
-        if unlisted:
-            raise BundleError(f"{where}: refusing file(s) not in the manifest: {', '.join(unlisted)}")
-        missing = sorted(set(listed) - remote)
-        if missing:
-            raise BundleError(f"{where}: file(s) listed in the manifest are missing: {', '.join(missing)}")
+        _check_remote_names(where, remote, set(listed))
 
     dest = Path(dest) if dest is not None else cache.parent / "bundles" / repo.replace("/", "--") / commit
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         if dest.is_dir() and _same_bundle(dest, manifest_path):
             return PullResult(repo, revision, commit, dest, listed, offline)
         raise BundleError(f"{dest} exists and is not an empty directory")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+
+    def stage(staging: Path) -> None:
         for name, entry in sorted(listed.items()):
-            path = hub.download(repo, name, commit, cache, offline)
-            size = path.stat().st_size
-            if size != entry["size"] or sha256_file(path) != entry["sha256"]:
-                _forget(path)
-                sizes = f"; {size} bytes, {entry['size']} expected" if size != entry["size"] else ""
-                raise BundleError(f"{where}: {name} does not match its sha256 in the manifest (changed on the "
-                                  f"Hub or corrupt{sizes}); nothing was pulled")
-            check_content(path, name, where)
-            shutil.copyfile(path, staging / name)
+            _copy_verified(hub.download(repo, name, commit, cache, offline), name, entry, staging, where)
         shutil.copyfile(manifest_path, staging / MANIFEST)
-        verify_bundle(staging)  # the staged copy, once more, as the registry will see it
-        _check_config(staging, where)
-        if dest.exists():
-            dest.rmdir()
-        os.replace(staging, dest)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        verify_bundle(staging, where)  # the staged copy, once more, as the registry will see it
+        read_config(staging, where)  # config and labels, as the registry will parse them
+
+    publish_dir(dest, stage)
     if not offline:
         _remember_ref(cache, repo, revision, commit)
     return PullResult(repo, revision, commit, dest, listed, offline)
+
+
+def _check_remote_names(where: str, remote: set[str], listed: set[str] | None = None) -> None:
+    """Refuse a remote tree with pickles or no manifest; with the manifest's ``listed`` names, also one with
+    files the manifest does not list or without a file it lists."""
+    pickles = sorted(n for n in remote if n.lower().endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise BundleError(f"{where}: refusing pickle file(s) {', '.join(pickles)}")
+    if MANIFEST not in remote:
+        raise BundleError(f"{where} is not a stadapter bundle: it has no {MANIFEST}")
+    if listed is None:
+        return
+    unlisted = sorted(remote - listed - {MANIFEST} - IGNORED_REMOTE)
+    if unlisted:
+        raise BundleError(f"{where}: refusing file(s) not in the manifest: {', '.join(unlisted)}")
+    missing = sorted(listed - remote)
+    if missing:
+        raise BundleError(f"{where}: file(s) listed in the manifest are missing: {', '.join(missing)}")
 
 
 def _same_bundle(directory: Path, manifest_path: Path) -> bool:
@@ -688,17 +639,97 @@ def _same_bundle(directory: Path, manifest_path: Path) -> bool:
         return False
 
 
-def _check_config(directory: Path, where: str) -> None:
-    from stadapter.bundle import CONFIG
+def _copy_verified(path: Path, name: str, entry: dict[str, Any], staging: Path, where: str) -> None:
+    """Copy the downloaded file ``path`` into ``staging`` once its size, sha256 and content fit the manifest
+    ``entry``; a file that does not is dropped from the cache, so a later pull downloads it again."""
+    size = path.stat().st_size
+    if size != entry["size"] or sha256_file(path) != entry["sha256"]:
+        _forget(path)
+        sizes = f"; {size} bytes, {entry['size']} expected" if size != entry["size"] else ""
+        raise BundleError(f"{where}: {name} does not match its sha256 in the manifest (changed on the Hub or "
+                          f"corrupt{sizes}); nothing was pulled")
+    check_content(path, name, where)
+    shutil.copyfile(path, staging / name)
 
-    config = json.loads((directory / CONFIG).read_text())
-    if not isinstance(config, dict):
-        raise BundleError(f"{where}: {CONFIG} is not a JSON object")
-    if config.get("format_version") != FORMAT_VERSION:
-        raise BundleError(f"{where} holds a bundle of format version {config.get('format_version')}; this "
-                          f"stadapter ({__version__}) reads version {FORMAT_VERSION}")
+
+# -- registry versions -----------------------------------------------------------------------------------
+# The registry imports nothing from here; it is imported lazily so that this module loads without SQLAlchemy.
+if TYPE_CHECKING:
+    from stadapter.registry import Registry, VersionInfo
 
 
-__all__ = ["DEFAULT_ENDPOINT", "DEFAULT_TIMEOUT", "PullResult", "PushResult", "check_content", "check_repo_id",
-           "default_cache_dir", "is_offline", "parse_repo_ref", "pull", "push", "resolve_endpoint",
-           "resolve_revision", "resolve_token"]
+@dataclass(frozen=True)
+class VersionPush:
+    """A registered version pushed: ``info`` (its Hub repo, commit and tag now recorded) and the Hub's answer."""
+
+    info: VersionInfo
+    result: PushResult
+
+
+@dataclass(frozen=True)
+class VersionPull:
+    """A Hub revision in the registry: ``info`` is the version holding ``commit`` (what ``revision`` resolved
+    to); ``registered`` is False when that commit was registered before and nothing was downloaded."""
+
+    info: VersionInfo
+    repo: str
+    revision: str
+    commit: str
+    registered: bool
+
+
+def push_version(registry: Registry, ref: str | VersionInfo, repo: str, *, endpoint: str | None = None,
+                 token: str | None = None, private: bool = False, branch: str | None = None,
+                 timeout: float = DEFAULT_TIMEOUT) -> VersionPush:
+    """Upload a registered version (``ref``: TASK, TASK:VERSION or TASK@ALIAS) to ``repo`` with its model card,
+    tagged ``v<VERSION>``, and record the repo, commit and tag in the registry.
+
+    The files come from the registry's blob store (each checked against its sha256); the model card and the
+    manifest are written for this version and repo. An unchanged bundle makes no new commit; an existing tag
+    is never moved (see :func:`push`)."""
+    from stadapter.bundle import CARD, Bundle, write_manifest
+    from stadapter.model_card import render_card
+
+    check_repo_id(repo)
+    info = registry.resolve(ref) if isinstance(ref, str) else ref
+    tag = f"v{info.version}"
+    with tempfile.TemporaryDirectory(prefix="stadapter-push-") as tmp:
+        path = registry.materialize(info, dest=Path(tmp) / "bundle")
+        bundle = Bundle.load(path, verify=False)  # materialize() checked every file's sha256
+        bundle.task = info.task
+        (path / CARD).write_text(render_card(bundle, repo=repo, version=info.version))
+        write_manifest(path)
+        result = push(path, repo, endpoint=endpoint, token=token, private=private, branch=branch, tag=tag,
+                      message=f"stadapter: {info.task} {tag}", timeout=timeout)  # verifies the bundle first
+    return VersionPush(registry.set_hub(info, repo, result.commit, result.tag), result)
+
+
+def pull_version(registry: Registry, repo: str, revision: str | None = None, *, task: str | None = None,
+                 endpoint: str | None = None, token: str | None = None,
+                 timeout: float = DEFAULT_TIMEOUT) -> VersionPull:
+    """Pull ``repo`` at ``revision`` (a tag such as v3, a branch, a commit sha; default main) pinned to one
+    commit, verified, and register it as the next version of ``task`` (default: the bundle's own).
+
+    ``repo`` may carry the revision: ``ORG/NAME@REVISION``. The version records its Hub source (repo, commit,
+    revision, and the tag when the revision is one of ours, ``v<N>``) as lineage. A commit already registered
+    (for ``task``, when given) is not downloaded again: its version comes back with ``registered`` False."""
+    if revision is None:
+        repo, revision = parse_repo_ref(repo)
+    revision = revision or "main"
+    commit = resolve_revision(repo, revision, endpoint=endpoint, token=token, timeout=timeout)
+    existing = registry.find_by_source(repo, commit, task)
+    if existing is not None:
+        return VersionPull(existing, repo, revision, commit, registered=False)
+    with tempfile.TemporaryDirectory(prefix="stadapter-pull-") as tmp:
+        result = pull(repo, revision, commit=commit, endpoint=endpoint, token=token, dest=Path(tmp) / "bundle",
+                      timeout=timeout)
+        source = {"kind": "hub", "repo": repo, "commit": result.commit, "revision": revision}
+        if revision.startswith("v") and revision[1:].isdigit():
+            source["tag"] = revision
+        info = registry.register(result.path, task=task, source=source)
+    return VersionPull(info, repo, revision, commit, registered=True)
+
+
+__all__ = ["DEFAULT_ENDPOINT", "DEFAULT_TIMEOUT", "PullResult", "PushResult", "VersionPull", "VersionPush",
+           "check_content", "check_repo_id", "default_cache_dir", "is_offline", "parse_repo_ref", "pull",
+           "pull_version", "push", "push_version", "resolve_endpoint", "resolve_revision", "resolve_token"]

@@ -69,6 +69,12 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _test_then_val(item: tuple[str, Any]) -> tuple[int, str]:
+    """Sort key of a (metric key, value) pair: test metrics first, then validation, then the rest, by key."""
+    key = item[0]
+    return (0 if "test" in key else 1 if "val" in key else 2), key
+
+
 def top_k(metrics: dict[str, Any] | None) -> tuple[float | None, float | None]:
     """(top-1, top-5) accuracy in percent from a metrics dict (flat or nested, e.g. under "test"/"val"; keys
     like top1, top1_acc, acc1, accuracy). Fractions (all values <= 1) are scaled to percent."""
@@ -79,8 +85,7 @@ def top_k(metrics: dict[str, Any] | None) -> tuple[float | None, float | None]:
                 and "err" not in _norm(k.rsplit(".", 1)[-1])]
         if not hits:
             return None
-        order = lambda kv: (0 if "test" in kv[0] else 1 if "val" in kv[0] else 2, kv[0])  # noqa: E731
-        return float(sorted(hits, key=order)[0][1])
+        return float(min(hits, key=_test_then_val)[1])
 
     top1, top5 = find(_TOP1), find(_TOP5)
     values = [v for v in (top1, top5) if v is not None]
@@ -169,16 +174,20 @@ def render_card(bundle: Bundle, *, repo: str | None = None, version: int | None 
     """The full README.md for ``bundle``, to be pushed as ``repo`` (ORG/NAME) at ``revision`` (default
     ``v{version}``)."""
     meta = card_metadata(bundle, repo=repo, version=version)
-    a, s, backbone = bundle.adapter, bundle.spec, bundle.backbone or {}
+    backbone = bundle.backbone or {}
     revision = revision or (f"v{version}" if version is not None else None)
-    name = repo or "ORG/NAME"
-    ref = f"{name}@{revision}" if revision else name
-    params = trainable_parameters(bundle)
-    top1, top5 = top_k(bundle.metrics)
-    lines: list[str] = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=100).rstrip(), "---",
-                        ""]
+    front = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=100).rstrip(), "---", ""]
+    sections = [front, _intro_section(bundle, version, backbone), _results_section(bundle),
+                _usage_section(bundle, repo or "ORG/NAME", revision), _input_section(bundle, backbone),
+                _adapter_section(bundle, backbone), _recipe_section(bundle), _labels_section(bundle),
+                _files_section(bundle)]
+    return "\n".join(line for section in sections for line in section)
+
+
+def _intro_section(bundle: Bundle, version: int | None, backbone: dict[str, Any]) -> list[str]:
+    a = bundle.adapter
     title = f"{bundle.task}" + (f" v{version}" if version is not None else "")
-    lines += [f"# {title}: ST-Adapter video classifier", ""]
+    lines = [f"# {title}: ST-Adapter video classifier", ""]
     lines += [f"An adapter bundle for stadapter: {a.num_classes} classes, "
               f"method `{a.method}` on the frozen backbone `{backbone.get('spec')}` "
               f"(weights `{backbone.get('weights')}`). Only the adapters and the head were trained; the backbone "
@@ -186,42 +195,58 @@ def render_card(bundle: Bundle, *, repo: str | None = None, version: int | None 
     desc = bundle.extra.get("description")
     if isinstance(desc, str) and desc.strip():
         lines += [desc.strip(), ""]
+    return lines
 
-    if top1 is not None or top5 is not None:
-        lines += ["## Results", "", "| metric | value |", "|---|---|"]
-        if top1 is not None:
-            lines.append(f"| top-1 accuracy | {top1:.2f}% |")
-        if top5 is not None:
-            lines.append(f"| top-5 accuracy | {top5:.2f}% |")
-        lines += ["", f"Views at test time: {s.temporal_views} temporal x {s.spatial_views} spatial.", ""]
 
-    lines += ["## How to use", "", "```bash", "pip install stadapter", f"stadapter pull {ref}",
-              f"stadapter predict --task {bundle.task} clip.mp4", "```", "",
-              "`stadapter pull` resolves the revision to one commit, checks every file against `manifest.json` "
-              "(sha256 and size), refuses pickles and unlisted files, and registers the bundle as a new version "
-              f"of task `{bundle.task}` (`--task NAME` picks another name). In Python:", "",
-              "```python", "from stadapter.hub import pull", "from stadapter.bundle import Bundle", "",
-              f"result = pull({name!r}, {revision or 'main'!r}, dest=\"bundle\")",
-              "bundle = Bundle.load(result.path)  # verified again on load", "```", ""]
+def _results_section(bundle: Bundle) -> list[str]:
+    top1, top5 = top_k(bundle.metrics)
+    if top1 is None and top5 is None:
+        return []
+    lines = ["## Results", "", "| metric | value |", "|---|---|"]
+    if top1 is not None:
+        lines.append(f"| top-1 accuracy | {top1:.2f}% |")
+    if top5 is not None:
+        lines.append(f"| top-5 accuracy | {top5:.2f}% |")
+    s = bundle.spec
+    return lines + ["", f"Views at test time: {s.temporal_views} temporal x {s.spatial_views} spatial.", ""]
 
-    lines += ["## Input: frames and views", "", "| setting | value |", "|---|---|",
-              f"| frames per view | {s.num_frames} |",
-              f"| sampling | {s.sampling}" + (f", stride {s.frame_stride}" if s.sampling == "dense" else
-                                              " (one frame per segment; random in training, centre at test)") + " |",
-              f"| test views | {s.temporal_views} temporal x {s.spatial_views} spatial |",
-              f"| training crop | {s.train_crop}, scale {s.scale_range[0]:g}-{s.scale_range[1]:g} |",
-              f"| horizontal flip | {'yes' if s.flip else 'no'}"
-              + (" (direction-sensitive labels)" if s.direction_sensitive else "") + " |",
-              f"| RandAugment | {s.rand_augment or 'none'} |"]
+
+def _usage_section(bundle: Bundle, name: str, revision: str | None) -> list[str]:
+    ref = f"{name}@{revision}" if revision else name
+    return ["## How to use", "", "```bash", "pip install stadapter", f"stadapter pull {ref}",
+            f"stadapter predict --task {bundle.task} clip.mp4", "```", "",
+            "`stadapter pull` resolves the revision to one commit, checks every file against `manifest.json` "
+            "(sha256 and size), refuses pickles and unlisted files, and registers the bundle as a new version "
+            f"of task `{bundle.task}` (`--task NAME` picks another name). In Python:", "",
+            "```python", "from stadapter.hub import pull", "from stadapter.bundle import Bundle", "",
+            f"result = pull({name!r}, {revision or 'main'!r}, dest=\"bundle\")",
+            "bundle = Bundle.load(result.path)  # verified again on load", "```", ""]
+
+
+def _input_section(bundle: Bundle, backbone: dict[str, Any]) -> list[str]:
+    s = bundle.spec
+    lines = ["## Input: frames and views", "", "| setting | value |", "|---|---|",
+             f"| frames per view | {s.num_frames} |",
+             f"| sampling | {s.sampling}" + (f", stride {s.frame_stride}" if s.sampling == "dense" else
+                                             " (one frame per segment; random in training, centre at test)") + " |",
+             f"| test views | {s.temporal_views} temporal x {s.spatial_views} spatial |",
+             f"| training crop | {s.train_crop}, scale {s.scale_range[0]:g}-{s.scale_range[1]:g} |",
+             f"| horizontal flip | {'yes' if s.flip else 'no'}"
+             + (" (direction-sensitive labels)" if s.direction_sensitive else "") + " |",
+             f"| RandAugment | {s.rand_augment or 'none'} |"]
     if backbone.get("image_size"):
         size = backbone["image_size"]
         lines.append(f"| frame size | {size[0]} x {size[1]} |")
     if backbone.get("mean") and backbone.get("std"):
         lines.append(f"| normalisation | mean {_fmt(backbone['mean'])}, std {_fmt(backbone['std'])} |")
-    lines.append("")
+    return lines + [""]
 
-    lines += ["## Adapters and trainable parameters", "", "| setting | value |", "|---|---|",
-              f"| method | {a.method} |"]
+
+def _adapter_section(bundle: Bundle, backbone: dict[str, Any]) -> list[str]:
+    a = bundle.adapter
+    params = trainable_parameters(bundle)
+    lines = ["## Adapters and trainable parameters", "", "| setting | value |", "|---|---|",
+             f"| method | {a.method} |"]
     if a.has_adapters:
         lines += [f"| bottleneck width r | {a.width} |",
                   f"| positions | {', '.join(a.positions)} (before each branch) |",
@@ -229,37 +254,45 @@ def render_card(bundle: Bundle, *, repo: str | None = None, version: int | None 
                   f"| activation | {a.activation} |"]
         if a.method == "st-adapter":
             lines.append(f"| depthwise conv kernel | {' x '.join(str(k) for k in a.kernel)} (T x H x W) |")
-    lines += [f"| pooling | {a.pool} |", f"| head dropout | {a.dropout:g} |",
-              f"| trainable parameters | {params['total']:,} (adapters {params['adapters']:,}, head "
-              f"{params['head']:,}" + (f", backbone copies {params['backbone']:,}" if params["backbone"] else "")
-              + ") |",
-              f"| backbone fingerprint | `{backbone.get('fingerprint')}` |", ""]
+    return lines + [
+        f"| pooling | {a.pool} |", f"| head dropout | {a.dropout:g} |",
+        f"| trainable parameters | {params['total']:,} (adapters {params['adapters']:,}, head "
+        f"{params['head']:,}" + (f", backbone copies {params['backbone']:,}" if params["backbone"] else "") + ") |",
+        f"| backbone fingerprint | `{backbone.get('fingerprint')}` |", ""]
 
+
+def _recipe_section(bundle: Bundle) -> list[str]:
     recipe = bundle.extra.get("recipe")
     train = bundle.extra.get("train")
-    if recipe or train:
-        lines += ["## Training recipe", ""]
-        if isinstance(recipe, str):
-            lines += [f"Preset: `{recipe}`.", ""]
-        if isinstance(train, dict) and train:
-            lines += ["```json", json.dumps(train, indent=1, sort_keys=True), "```", ""]
-        data = bundle.extra.get("data")
-        if data:
-            lines += [f"Data: {data if isinstance(data, str) else json.dumps(data, sort_keys=True)}", ""]
+    if not (recipe or train):
+        return []
+    lines = ["## Training recipe", ""]
+    if isinstance(recipe, str):
+        lines += [f"Preset: `{recipe}`.", ""]
+    if isinstance(train, dict) and train:
+        lines += ["```json", json.dumps(train, indent=1, sort_keys=True), "```", ""]
+    data = bundle.extra.get("data")
+    if data:
+        lines += [f"Data: {data if isinstance(data, str) else json.dumps(data, sort_keys=True)}", ""]
+    return lines
 
-    lines += [f"## Labels ({len(bundle.labels)})", "", "<details>", f"<summary>{len(bundle.labels)} classes, in "
-              "head order</summary>", "", "| index | label |", "|---|---|"]
-    lines += [f"| {i} | {_cell(label)} |" for i, label in enumerate(bundle.labels)]
-    lines += ["", "</details>", ""]
 
-    lines += ["## Files", "", "`adapter.safetensors` (adapter and head tensors; safetensors only), `config.json` "
-              "(adapter config, task spec, backbone), `labels.json`, `README.md`"
-              + (", `metrics.json`" if bundle.metrics is not None else "")
-              + ", and `manifest.json` (sha256 and size of every other file, bundle format "
-              f"version {FORMAT_VERSION}).", "",
-              f"Written by stadapter {__version__}. ST-Adapter: Pan, Lin et al., *ST-Adapter: Parameter-Efficient "
-              "Image-to-Video Transfer Learning*, NeurIPS 2022.", ""]
-    return "\n".join(lines)
+def _labels_section(bundle: Bundle) -> list[str]:
+    n = len(bundle.labels)
+    return ([f"## Labels ({n})", "", "<details>", f"<summary>{n} classes, in head order</summary>", "",
+             "| index | label |", "|---|---|"]
+            + [f"| {i} | {_cell(label)} |" for i, label in enumerate(bundle.labels)]
+            + ["", "</details>", ""])
+
+
+def _files_section(bundle: Bundle) -> list[str]:
+    return ["## Files", "", "`adapter.safetensors` (adapter and head tensors; safetensors only), `config.json` "
+            "(adapter config, task spec, backbone), `labels.json`, `README.md`"
+            + (", `metrics.json`" if bundle.metrics is not None else "")
+            + ", and `manifest.json` (sha256 and size of every other file, bundle format "
+            f"version {FORMAT_VERSION}).", "",
+            f"Written by stadapter {__version__}. ST-Adapter: Pan, Lin et al., *ST-Adapter: Parameter-Efficient "
+            "Image-to-Video Transfer Learning*, NeurIPS 2022.", ""]
 
 
 def _fmt(values: Any) -> str:

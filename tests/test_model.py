@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from stadapter.config import AdapterConfig
+from stadapter.config import ACTIVATIONS, AdapterConfig
 from stadapter.errors import AdapterSetError, BackboneError, ConfigError, InputError
-from stadapter.model.adapter import STAdapter, depthwise_conv3d, st_adapter
+from stadapter.model.adapter import (STAdapter, activation_function, adapter_delta, depthwise_conv3d,
+                                     init_adapter_tensors, st_adapter)
 from stadapter.model.loading import load_backbone
 from stadapter.model.video_vit import VideoViT, count_parameters
 from stadapter.recipes import preset
@@ -72,6 +73,28 @@ def test_model_info_cli_table_and_overrides():
     assert "trainable params" in table and "GMACs per view" in table
 
 
+def test_model_summary_gives_what_model_info_printed(tiny_backbone):
+    """The figures `stadapter model-info --json` printed before the summary moved into the library."""
+    from stadapter.model.summary import summarize, summarize_preset
+
+    tiny = "open_clip:ViT-B-16?head_width=32&image_size=32&layers=2&patch_size=8&width=64"
+    got = summarize_preset("tiny", "none", "ssv2", num_classes=7, frames=4)
+    assert got.to_dict() == {"backbone": tiny, "preset": "ssv2", "method": "st-adapter", "frames": 4,
+                             "image_size": [32, 32], "trainable_params": 204999, "total_params": 318663,
+                             "gmacs_per_view": 0.0204, "backbone_gmacs_per_view": 0.0078}
+    probe = summarize_preset("tiny", "none", method="linear-probe").to_dict()
+    assert probe == {"backbone": tiny, "preset": "k400", "method": "linear-probe", "frames": 8,
+                     "image_size": [32, 32], "trainable_params": 26000, "total_params": 139664,
+                     "gmacs_per_view": 0.0156, "backbone_gmacs_per_view": 0.0155}
+    assert got.num_adapters == 4 and got.backbone_params == 113664 == probe["total_params"] - 26000
+    # full fine-tuning retrains every backbone tensor: counted once in the total
+    full = summarize(tiny_backbone, dataclasses.replace(preset("k400").adapter, method="full", num_classes=3), 4)
+    assert full.total_params == full.backbone_params + 64 * 3 + 3 and full.preset == "custom"
+    assert full.trainable_params == full.total_params
+    with pytest.raises(ConfigError, match="frames per view must be >= 1, got 0"):
+        summarize_preset("tiny", "none", frames=0)
+
+
 # -- the adapter itself ----------------------------------------------------------------------------
 def test_adapter_is_identity_at_init_and_bypasses_cls():
     torch.manual_seed(0)
@@ -116,6 +139,63 @@ def test_depthwise_conv_matches_conv3d(kernel):
     ref = ref.permute(0, 2, 3, 4, 1).reshape(B, T, H * W, r)
     assert torch.allclose(depthwise_conv3d(x, w, b, (H, W)), ref, atol=1e-5)
 
+
+
+def test_temporal_taps_train_like_conv3d():
+    """The taps written in place into one buffer give conv3d's gradients too (training runs through them)."""
+    g = torch.Generator().manual_seed(3)
+    B, T, HW, r, kT = 2, 5, 4, 6, 3
+    x = torch.randn(B, T, HW, r, generator=g, requires_grad=True)
+    w = torch.randn(r, 1, kT, 1, 1, generator=g, requires_grad=True)
+    b = torch.randn(r, generator=g, requires_grad=True)
+    grad = torch.randn(B, T, HW, r, generator=g)
+    (depthwise_conv3d(x, w, b, (2, 2)) * grad).sum().backward()
+    got = [t.grad.clone() for t in (x, w, b)]
+    for t in (x, w, b):
+        t.grad = None
+    ref = F.conv3d(x.reshape(B, T, 2, 2, r).permute(0, 4, 1, 2, 3), w, b, padding=(kT // 2, 0, 0), groups=r)
+    (ref.permute(0, 2, 3, 4, 1).reshape(B, T, HW, r) * grad).sum().backward()
+    for mine, theirs in zip(got, (x.grad, w.grad, b.grad), strict=True):
+        assert torch.allclose(mine, theirs, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", [(3, 1, 1), (5, 1, 1), (1, 1, 1), None])
+def test_per_clip_weights_give_each_clip_its_own_adapter(kernel):
+    """The compiled bank's form: weights stacked one per clip (N, ...) broadcast through the same maths."""
+    g = torch.Generator().manual_seed(4)
+    sets = [{k: torch.randn(v.shape, generator=g) * 0.3 for k, v in init_adapter_tensors(16, 8, kernel).items()}
+            for _ in range(3)]
+    stacked = {name: torch.stack([s[name] for s in sets]) for name in sets[0]}
+    T = 3
+    x = torch.randn(3 * T, 1 + 4, 16, generator=g)
+    out = x + adapter_delta(x, stacked, T, 1, "gelu")
+    for clip, tensors in enumerate(sets):
+        rows = slice(clip * T, (clip + 1) * T)
+        assert torch.allclose(out[rows], st_adapter(x[rows], tensors, T, (2, 2), 1, "gelu"), atol=1e-5)
+    assert not torch.allclose(out[:T], out[T:2 * T])
+
+
+def test_delta_of_a_spatial_kernel_leaves_every_prefix_token_alone():
+    g = torch.Generator().manual_seed(5)
+    w = {k: torch.randn(v.shape, generator=g) * 0.3 for k, v in init_adapter_tensors(16, 8, (3, 3, 3)).items()}
+    x = torch.randn(2 * 4, 2 + 9, 16, generator=g)  # two prefix tokens (CLS + a register), a 3 x 3 grid
+    delta = adapter_delta(x, w, 4, 2, "relu", grid=(3, 3))
+    assert torch.count_nonzero(delta[:, :2]) == 0 and torch.count_nonzero(delta[:, 2:]) > 0
+    assert torch.allclose(x + delta, st_adapter(x, w, 4, (3, 3), 2, "relu"), atol=1e-5)
+    with pytest.raises(ValueError, match="grid"):
+        adapter_delta(x, w, 4, 2)
+
+
+def test_every_activation_name_has_its_function():
+    x = torch.linspace(-3, 3, 13)
+    for name in ACTIVATIONS:
+        assert activation_function(name)(x).shape == x.shape
+    assert torch.equal(activation_function("none")(x), x)
+    assert torch.allclose(activation_function("quick_gelu")(x), x * torch.sigmoid(1.702 * x))
+    with pytest.raises(ValueError, match="unknown activation"):
+        activation_function("swish")
+    with pytest.raises(ValueError, match="unknown activation"):
+        STAdapter(16, 8, activation="swish")
 
 # -- the video model --------------------------------------------------------------------------------
 @pytest.mark.parametrize("which", ["open_clip", "timm"])

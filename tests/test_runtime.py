@@ -61,6 +61,19 @@ def test_alternating_tasks_give_each_tasks_own_outputs(reg, tasks, tiny_backbone
     assert engine.pool.stats.misses == len(LAYOUTS) and engine.pool.stats.hits == len(order) - len(LAYOUTS)
 
 
+
+def test_a_batch_is_cut_into_one_segment_per_run_of_a_task(reg, tasks, tiny_backbone):
+    from stadapter.runtime.types import segments_of
+
+    engine = engine_for(reg, tiny_backbone)
+    a, b = engine.resolve("alpha"), engine.resolve("beta")
+    sets = {h.key: engine.acquire(h) for h in (a, b)}
+    segments = segments_of([a, a, b, a], sets)
+    assert [(s.start, s.stop, s.handle) for s in segments] == [(0, 2, a), (2, 3, b), (3, 4, a)]
+    assert all(s.resident is sets[s.handle.key] for s in segments)
+    assert segments[1].rows(4) == slice(8, 12)
+    assert segments_of([], sets) == []
+
 def test_mixed_batch_equals_each_task_alone(reg, tmp_path, tasks, tiny_backbone):
     # plus a task with other frames (grouped by frame count) and a BitFit task (its own backbone pass)
     two, t2, m2 = register(reg, tmp_path, tiny_backbone, "twoframes", seed=11, num_classes=3, width=8,
@@ -264,13 +277,12 @@ def test_compiled_path_serves_another_task_without_recompiling(reg, tmp_path, ti
 @pytest.mark.parametrize("kernel, activation, frames", [((3, 1, 1), "none", 4), ((5, 1, 1), "gelu", 4),
                                                         ((3, 1, 1), "none", 1), ((3, 1, 1), "relu", 2), (None, "gelu", 4)])
 def test_inference_kernel_equals_the_model_adapter(kernel, activation, frames):
-    from stadapter.model.adapter import init_adapter_tensors, st_adapter
-    from stadapter.runtime.kernels import adapter_delta, fast_path
+    from stadapter.model.adapter import adapter_delta, init_adapter_tensors, st_adapter, temporal_only
 
     g = torch.Generator().manual_seed(1)
     w = {k: torch.randn(v.shape, generator=g) * 0.3 for k, v in init_adapter_tensors(16, 8, kernel, g).items()}
     x = torch.randn(2 * frames, 1 + 9, 16, generator=g)
-    assert fast_path(w)
+    assert temporal_only(w)  # the path where the prefix rows ride along through the taps
     out = x + adapter_delta(x, w, frames, 1, activation)
     assert close(out, st_adapter(x, w, frames, (3, 3), 1, activation))
     assert torch.equal(out[:, 0], x[:, 0])  # the CLS token bypasses the adapter

@@ -1,9 +1,11 @@
 """`stadapter serve` over real HTTP on 127.0.0.1: concurrent clients across tasks, the bounded queue, bad clips,
-allowed roots, alias changes, metrics, and a graceful shutdown of the real command."""
+allowed roots, alias changes, metrics, a forward that fails (once, or with a bug), the request timeout, a registry
+database that goes away, and a graceful shutdown of the real command."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -11,8 +13,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -24,8 +28,10 @@ from stadapter.config import TaskSpec
 from stadapter.registry import open_registry
 from stadapter.runtime.engine import Engine
 from stadapter.runtime.server import ServerConfig, create_app
-
+from test_registry_support import _pg_admin
 from test_runtime_support import register, write_clip
+
+pytest_plugins = ["test_registry_support"]  # fixtures: pg_database
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = {  # name -> (layout, spec)
@@ -42,7 +48,7 @@ class ServerThread:
                                                     timeout_graceful_shutdown=10))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
-    def __enter__(self) -> "ServerThread":
+    def __enter__(self) -> ServerThread:
         self.thread.start()
         deadline = time.monotonic() + 30
         while not self.server.started:
@@ -81,9 +87,9 @@ def world(tmp_path_factory, tiny_backbone):
 
 
 @contextmanager
-def running(world, backbone, **config):
-    engine = Engine(backbone, world["reg"], device="cpu", alias_ttl=config.pop("alias_ttl", 2.0),
-                    max_resident=config.pop("max_resident", 64))
+def running(world, backbone, make_engine: Callable[..., Engine] = Engine, registry=None, **config):
+    engine = make_engine(backbone, registry or world["reg"], device="cpu", alias_ttl=config.pop("alias_ttl", 2.0),
+                         max_resident=config.pop("max_resident", 64))
     cfg = ServerConfig(allowed_roots=[world["clips"]], **config)
     with ServerThread(create_app(engine, cfg)) as server:
         yield server, engine
@@ -231,6 +237,94 @@ def test_health_readiness_tasks_docs_and_metrics(world, tiny_backbone):
         assert swaps >= 4
 
 
+class FlakyEngine(Engine):
+    """The real engine with faults injected into its forward: calls numbered in ``failing_calls`` (from 1) raise
+    ``error`` (the batcher calls ``predict`` once per forward)."""
+
+    def __init__(self, *args, failing_calls: set[int], error: Exception, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.failing_calls, self.error, self.calls = failing_calls, error, 0
+
+    def predict(self, requests):
+        self.calls += 1
+        if self.calls in self.failing_calls:
+            raise self.error
+        return super().predict(requests)
+
+
+def flaky(calls: set[int], error: Exception) -> Callable[..., FlakyEngine]:
+    return partial(FlakyEngine, failing_calls=calls, error=error)
+
+
+@pytest.mark.timeout(90)
+def test_a_forward_that_fails_once_is_answered_not_left_hanging(world, tiny_backbone):
+    make_engine = flaky({1}, RuntimeError("a transient device error"))
+    with running(world, tiny_backbone, make_engine, max_wait_ms=0) as (server, engine), \
+            httpx.Client(base_url=server.url, timeout=30) as c:
+        clip = world["clips"] / "c1.mp4"
+        r = c.post("/v1/predict", json={"path": str(clip), "tasks": ["walk"], "top_k": 10})
+        assert r.status_code == 200, r.text
+        (result,) = r.json()["tasks"]
+        h = engine.resolve("walk")
+        assert torch.allclose(probs_of(result, h.labels), expected_probs(engine, world, clip, "walk"), atol=1e-5)
+        assert engine.calls == 2, "the failed forward ran once more, alone, and no more"
+
+
+@pytest.mark.timeout(90)
+def test_an_unexpected_error_in_the_forward_is_a_logged_500_not_a_400(world, tiny_backbone, caplog):
+    make_engine = flaky({1, 2}, ValueError("shapes do not broadcast"))  # fails in the batch and alone
+    with running(world, tiny_backbone, make_engine, max_wait_ms=0) as (server, engine), \
+            httpx.Client(base_url=server.url, timeout=30) as c, caplog.at_level(logging.ERROR, "stadapter"):
+        req = {"path": str(world["clips"] / "c0.mp4"), "tasks": ["walk"]}
+        r = c.post("/v1/predict", json=req)
+        assert r.status_code == 500, r.text
+        assert r.json() == {"detail": "internal error; see the server log"}
+        logged = [rec for rec in caplog.records if rec.exc_info and rec.exc_info[0] is ValueError]
+        assert logged and "shapes do not broadcast" in str(logged[0].exc_info[1])
+        assert engine.calls == 2
+        assert c.post("/v1/predict", json=req).status_code == 200, "the server keeps serving"
+
+
+@pytest.mark.timeout(90)
+def test_a_request_past_its_timeout_answers_504_and_serving_goes_on(world, tiny_backbone):
+    # the worker waits 3 s for more requests after the first, longer than the 0.5 s the request may take
+    with running(world, tiny_backbone, max_batch=64, max_wait_ms=3000, request_timeout_s=0.5) as (server, _), \
+            httpx.Client(base_url=server.url, timeout=30) as c:
+        t0 = time.monotonic()
+        r = c.post("/v1/predict", json={"path": str(world["clips"] / "c0.mp4"), "tasks": ["walk"]})
+        assert r.status_code == 504, r.text
+        assert time.monotonic() - t0 < 2.5
+        detail = r.json()["detail"]
+        assert "timeout (0.5 s)" in detail and "\n" not in detail, detail
+        assert c.get("/readyz").status_code == 200
+        assert 'stadapter_requests_total{code="504",endpoint="/v1/predict"} 1.0' in c.get("/metrics").text
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(120)
+def test_a_registry_database_outage_answers_503_not_404(world, tiny_backbone, pg_database, tmp_path):
+    reg = open_registry(pg_database, tmp_path / "home", upgrade=True)
+    try:
+        layout, spec = TASKS["walk"]
+        register(reg, tmp_path, tiny_backbone, "walk", seed=20, spec=spec, **layout)
+        # alias_ttl=0: every request resolves its tasks in the database
+        with running(world, tiny_backbone, registry=reg, alias_ttl=0) as (server, _), \
+                httpx.Client(base_url=server.url, timeout=30) as c:
+            req = {"path": str(world["clips"] / "c0.mp4"), "tasks": ["walk"]}
+            assert c.post("/v1/predict", json=req).status_code == 200
+            assert c.post("/v1/predict", json={**req, "tasks": ["nope"]}).status_code == 404
+            with _pg_admin() as admin:  # the database goes away under the running server
+                admin.execute(f'DROP DATABASE "{pg_database.rsplit("/", 1)[1]}" WITH (FORCE)')
+            for tasks in (["walk"], ["nope"]):
+                r = c.post("/v1/predict", json={**req, "tasks": tasks})
+                assert r.status_code == 503, r.text
+                assert "registry database" in r.json()["detail"] and r.headers["retry-after"] == "1"
+            r = c.get("/v1/tasks")
+            assert r.status_code == 503 and "registry database" in r.json()["detail"], r.text
+    finally:
+        reg.close()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -243,7 +337,8 @@ def test_serve_command_shuts_down_gracefully_finishing_in_flight_requests(world)
     env.pop("STADAPTER_DB", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "stadapter", "serve", "--port", str(port), "--backbone", "tiny", "--weights", "none",
-         "--device", "cpu", "--preload", "walk", "--max-wait-ms", "1500", "--allowed-root", str(world["clips"])],
+         "--device", "cpu", "--preload", "walk", "--max-wait-ms", "1500", "--request-timeout", "60",
+         "--allowed-root", str(world["clips"])],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -211,6 +211,44 @@ def test_train_registers_and_eval_reports(synth, tmp_path):
     assert bad.returncode == 1 and "nosuchtask" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_train_task_registers_when_asked_and_evaluate_task_reads_ref_or_bundle(synth, tmp_path, home):
+    from stadapter.registry import open_registry
+    from stadapter.training.api import evaluate_task
+
+    ann = load_annotations(synth / "train.txt")
+    recipe = resolve_recipe("motion", None, adapter={"width": 8}, spec={"num_frames": 4},
+                            train={"epochs": 1, "batch_size": 4, "num_workers": 0})
+    db = str(tmp_path / "registry.db")  # a database URL, opened and closed by train_task
+    open_registry(db, upgrade=True).close()
+    quiet = {"log": lambda m: None, "progress": False, "max_steps": 2, "device": "auto"}
+    out = train_task("motion", recipe, ann.samples, ann.classes, None, "tiny", "none", tmp_path / "run", **quiet,
+                     register=True, registry=db, data=str(synth / "train.txt"))
+    assert out.registered == "motion:1" and out.bundle_dir == tmp_path / "run" / "bundle"
+    unregistered = train_task("motion", recipe, ann.samples, ann.classes, None, "tiny", "none",
+                              tmp_path / "run2", **quiet)
+    assert unregistered.registered is None and unregistered.bundle_dir is not None
+    with open_registry(db) as reg:
+        info = reg.resolve("motion")
+        assert (info.ref, info.data) == ("motion:1", str(synth / "train.txt"))
+        assert info.source == {"kind": "train", "run": str(tmp_path / "run")}
+        # an open registry, and a lineage of the caller's own (as the demo records)
+        again = train_task("motion", recipe, ann.samples, ann.classes, None, "tiny", "none", tmp_path / "run3",
+                           **quiet, register=True, registry=reg, source={"kind": "demo"})
+        assert again.registered == "motion:2" and reg.resolve("motion:2").source == {"kind": "demo"}
+        assert [v.version for v in reg.list_versions("motion")] == [1, 2]
+
+    val = synth / "val.txt"
+    by_ref = evaluate_task(val, ref="motion:1", registry=db, log=lambda m: None)
+    by_dir = evaluate_task(val, bundle_dir=out.bundle_dir, device="cpu", log=lambda m: None)
+    assert by_ref.task == by_dir.task == "motion" and by_ref.clips == len(val.read_text().splitlines())
+    assert by_ref.metrics == by_dir.metrics  # the registered bundle is the trained one, evaluated alike
+    assert by_ref.metrics["num_clips"] + by_ref.metrics["skipped_clips"] == by_ref.clips
+    assert 0 <= by_ref.metrics["top1"] <= 1 and len(by_ref.metrics["confusion"]) == len(ann.classes)
+    for wrong in ({}, {"ref": "motion:1", "bundle_dir": out.bundle_dir}):
+        with pytest.raises(ConfigError, match="a registry ref or a bundle directory"):
+            evaluate_task(val, registry=db, **wrong)
+
+
 def test_cpu_bf16_autocast_trains_close_to_fp32_and_keeps_fp32_weights(synth, tmp_path):
     ann = load_annotations(synth / "train.txt")
     runs = {}

@@ -1,4 +1,5 @@
-"""Shared CLI pieces: options, the console, and the wrapper that turns user errors into one line + exit 1."""
+"""Shared CLI pieces: the options several commands take (defined once, here), the console, and the wrapper
+that turns user errors into one line + exit 1."""
 
 from __future__ import annotations
 
@@ -24,9 +25,11 @@ WeightsOpt = Annotated[str | None, typer.Option(
     "--weights", "-w",
     help="Backbone weights: 'none' (seeded random init), a local .safetensors/.bin/.pt file, or a pretrained "
          "tag (open_clip default 'openai', timm 'pretrained'; these download).")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")]
-
-DEFAULT_BACKBONE = "open_clip:ViT-B-16"
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the human-readable output.")]
+DbOpt = Annotated[str | None, typer.Option(
+    "--db", envvar="STADAPTER_DB", show_default=False,
+    help="Registry database: an SQLAlchemy URL or an SQLite file. Default: SQLite at $STADAPTER_HOME/registry.db.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N, or auto (CUDA when available).")]
 
 
 def fail(message: str) -> None:

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
-from stadapter.cli.common import JsonOpt, console, err_console, user_errors
-from stadapter.cli.train import DbOpt
+from stadapter.cli.common import DbOpt, JsonOpt, console, err_console, user_errors
 
 
 @user_errors
 def demo(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the synthetic set and the runs.")] = Path("runs/demo"),
+    out: Annotated[Path, typer.Option("--out", "-o",
+                                      help="Folder for the synthetic set and the runs.")] = Path("runs/demo"),
     clips_per_class: Annotated[int | None, typer.Option(help="Synthetic clips per class (3/4 train, 1/4 val).")] = None,
     epochs: Annotated[float | None, typer.Option(help="ST-Adapter training epochs.")] = None,
     probe_epochs: Annotated[float | None, typer.Option(help="Linear-probe training epochs.")] = None,
@@ -39,37 +39,29 @@ def demo(
 
     from stadapter.demo import DemoSettings, run_demo
 
-    overrides = {k: v for k, v in dict(clips_per_class=clips_per_class, epochs=epochs, probe_epochs=probe_epochs,
-                                          seed=seed, backbone=backbone).items()
-                 if v is not None}
+    given = dict(clips_per_class=clips_per_class, epochs=epochs, probe_epochs=probe_epochs, seed=seed,
+                 backbone=backbone)
+    overrides: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     settings = dataclasses.replace(DemoSettings(), **overrides)
-
-    registrar = None
-    if register:
-        from stadapter.registry import open_registry
-
-        reg = open_registry(db)
-
-        def registrar(bundle_dir: Path, task: str) -> str:
-            return reg.register(bundle_dir, task=task, source={"kind": "demo"}, data="stadapter data synth").ref
 
     def log(msg: str) -> None:
         err_console.print(msg, highlight=False)
 
-    result = run_demo(out, settings, register=registrar, log=log, progress=not as_json)
+    result = run_demo(out, settings, register=register, registry=db, log=log, progress=not as_json)
     if as_json:
         typer.echo(json.dumps(result))
         return
     table = Table(title=f"synthetic motion set: {result['num_train']} training, {result['num_val']} validation "
                         f"clips, 8 classes (chance {100 * result['chance']:.1f}%)")
-    for col, justify in (("method", "left"), ("trainable params", "right"), ("val top-1", "right"),
-                         ("train time", "right")):
-        table.add_column(col, justify=justify)
+    table.add_column("method")
+    for col in ("trainable params", "val top-1", "train time"):
+        table.add_column(col, justify="right")
     for method, m in result["methods"].items():
         table.add_row(method, f"{m['trainable_params']:,}", f"{100 * m['top1']:.1f}%", f"{m['train_seconds']:.0f} s")
     console.print(table)
     ref = result["methods"]["st-adapter"]["registered"]
-    console.print(f"total {result['seconds']:.0f} s" + (f"; the ST-Adapter bundle is registered as {ref}" if ref else ""))
+    console.print(f"total {result['seconds']:.0f} s"
+                  + (f"; the ST-Adapter bundle is registered as {ref}" if ref else ""))
     if ref:
         clip = next(iter(sorted((out / "data").glob("move_left/*.mp4"), reverse=True)), None)  # a val clip
         if clip is not None:

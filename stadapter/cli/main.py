@@ -5,13 +5,12 @@ from __future__ import annotations
 import typer
 
 from stadapter import __version__
-from stadapter.cli import model, registry
-from stadapter.cli import data
-from stadapter.cli import hub as hub_cli
-from stadapter.cli import train as train_cli
+from stadapter.cli import data, model, registry
 from stadapter.cli import demo as demo_cli
+from stadapter.cli import hub as hub_cli
 from stadapter.cli import predict as predict_cli
 from stadapter.cli import serve as serve_cli
+from stadapter.cli import train as train_cli
 
 app = typer.Typer(
     name="stadapter",

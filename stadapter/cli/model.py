@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from stadapter.cli.common import DEFAULT_BACKBONE, BackboneOpt, JsonOpt, WeightsOpt, console, user_errors
-from stadapter.config import METHODS
-from stadapter.errors import ConfigError
+from stadapter.cli.common import BackboneOpt, JsonOpt, WeightsOpt, console, user_errors
+from stadapter.config import DEFAULT_BACKBONE, METHODS
 
 
 @user_errors
@@ -29,46 +27,20 @@ def model_info(
     GMACs count one multiply-add once (as fvcore, which the paper used). Use --weights none to avoid any
     download; the counts do not depend on the weights.
     """
-    import torch
+    from stadapter.model.summary import summarize_preset
 
-    from stadapter.model.flops import count_gmacs
-    from stadapter.model.loading import load_backbone
-    from stadapter.model.video_vit import VideoViT, count_parameters
-    from stadapter.recipes import preset as get_preset
-
-    recipe = get_preset(preset)
-    changes = {}
-    if num_classes is not None:
-        changes["num_classes"] = num_classes
-    if method is not None:
-        changes["method"] = method
-    adapter = dataclasses.replace(recipe.adapter, **changes) if changes else recipe.adapter
-    num_frames = frames if frames is not None else recipe.task.num_frames
-    if num_frames < 1:
-        raise ConfigError(f"--frames must be >= 1, got {num_frames}")
-    bb = load_backbone(backbone, weights)
-    model = VideoViT(bb, adapter, num_frames).eval()
-    tensors = model.init_adapter_set()
-    model.bind(tensors)
-    trainable = count_parameters(tensors)
-    backbone_params = sum(p.numel() for p in bb.parameters())
-    replaced = sum(t.numel() for k, t in tensors.items() if k.startswith("backbone."))
-    total = backbone_params + trainable - replaced
-    clip = torch.zeros(1, num_frames, 3, *bb.image_size)
-    gmacs = count_gmacs(model, clip)
-    backbone_gmacs = count_gmacs(bb, clip[0])
-    result = {"backbone": str(bb.spec), "preset": preset, "method": adapter.method, "frames": num_frames,
-              "image_size": list(bb.image_size), "trainable_params": trainable, "total_params": total,
-              "gmacs_per_view": round(gmacs, 4), "backbone_gmacs_per_view": round(backbone_gmacs, 4)}
+    s = summarize_preset(backbone, weights, preset, num_classes=num_classes, frames=frames, method=method)
     if as_json:
-        typer.echo(json.dumps(result))
+        typer.echo(json.dumps(s.to_dict()))
         return
+    adapter = s.adapter
     table = Table(title=f"{preset} on {backbone}", show_header=False)
     table.add_row("method", adapter.method)
     table.add_row("adapters", f"r={adapter.width}, kernel {adapter.kernel}, {'+'.join(adapter.positions)}, "
-                              f"{len(model.slots())} in all")
-    table.add_row("frames x size", f"{num_frames} x {bb.image_size[0]}x{bb.image_size[1]}")
-    table.add_row("trainable params", f"{trainable:,} ({100 * trainable / backbone_params:.2f}% of the backbone)")
-    table.add_row("total params", f"{total:,}")
-    table.add_row("GMACs per view", f"{gmacs:.2f} (backbone alone {backbone_gmacs:.2f})")
+                              f"{s.num_adapters} in all")
+    table.add_row("frames x size", f"{s.frames} x {s.image_size[0]}x{s.image_size[1]}")
+    table.add_row("trainable params", f"{s.trainable_params:,} ({100 * s.trainable_params / s.backbone_params:.2f}% "
+                                      "of the backbone)")
+    table.add_row("total params", f"{s.total_params:,}")
+    table.add_row("GMACs per view", f"{s.gmacs_per_view:.2f} (backbone alone {s.backbone_gmacs_per_view:.2f})")
     console.print(table)

@@ -9,15 +9,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from stadapter.cli.common import JsonOpt, console, user_errors
+from stadapter.cli.common import DbOpt, DeviceOpt, JsonOpt, console, user_errors
 from stadapter.errors import InputError
-
-DbOpt = Annotated[str | None, typer.Option(
-    "--db", envvar="STADAPTER_DB", show_default=False,
-    help="Registry database: an SQLAlchemy URL or an SQLite file. Default: SQLite at "
-         "$STADAPTER_HOME/registry.db.")]
-DeviceOpt = Annotated[str, typer.Option(
-    "--device", help="cpu, cuda, cuda:N, or auto (CUDA when available).")]
 
 
 @user_errors
@@ -38,7 +31,7 @@ def predict(
     """Top-k labels of each clip for each task. Each clip is decoded once; every task applies its own frame
     sampler and test views (softmax averaged over views)."""
     from stadapter.registry import open_registry
-    from stadapter.runtime.engine import Engine, top_k as topk
+    from stadapter.runtime.predict import predict_files
 
     refs = [r.strip() for r in task.split(",") if r.strip()]
     if not refs:
@@ -46,26 +39,11 @@ def predict(
     if len(set(refs)) != len(refs):
         raise InputError(f"--task repeats a task: {task}")
     with open_registry(db) as reg:
-        engine = Engine.open(reg, backbone=backbone, weights=weights, tasks=refs, device=device,
-                             max_resident=max(len(refs), 1))
-        try:
-            handles = [engine.resolve(r) for r in refs]
-            decoded = [(clip, engine.clip_views(clip, handles)) for clip in clips]  # DecodeError names the clip
-            results = []
-            for clip, views in decoded:
-                probs = engine.predict(list(zip(views, handles)))
-                results.append({"clip": str(clip), "tasks": [
-                    {"task": h.ref, "version": h.name, "views": int(v.shape[0]),
-                     "top": [{"label": lab, "prob": p} for lab, p in topk(pr, h.labels, top_k)]}
-                    for h, v, pr in zip(handles, views, probs)]})
-            meta = engine.describe()
-        finally:
-            engine.close()
+        found = predict_files(reg, clips, refs, k=top_k, device=device, backbone=backbone, weights=weights)
     if json_out:
-        typer.echo(json.dumps({"device": meta["device_name"], "backbone": meta["backbone"], "results": results},
-                              indent=2))
+        typer.echo(json.dumps(found.to_dict(), indent=2))
         return
-    for r in results:
+    for r in found.results:
         table = Table(title=r["clip"], title_justify="left", show_lines=False)
         table.add_column("task")
         table.add_column("#", justify="right")

@@ -9,13 +9,9 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from stadapter.cli.common import JsonOpt, console, user_errors
+from stadapter.cli.common import DbOpt, JsonOpt, console, user_errors
 from stadapter.errors import RegistryError
 
-DbOpt = Annotated[str | None, typer.Option(
-    "--db", envvar="STADAPTER_DB", show_default=False,
-    help="Registry database: an SQLAlchemy URL (postgresql+psycopg://user@host/db) or an SQLite file. "
-         "Default: SQLite at $STADAPTER_HOME/registry.db.")]
 RefArg = Annotated[str, typer.Argument(help="TASK (production alias, else latest), TASK:VERSION or TASK@ALIAS.",
                                        show_default=False)]
 

@@ -7,8 +7,7 @@ from typing import Annotated
 
 import typer
 
-from stadapter.cli.common import console, user_errors
-from stadapter.cli.predict import DbOpt, DeviceOpt
+from stadapter.cli.common import DbOpt, DeviceOpt, console, user_errors
 
 
 @user_errors
@@ -26,6 +25,8 @@ def serve(
     max_wait_ms: Annotated[float, typer.Option("--max-wait-ms", min=0,
                                                help="Wait for more requests after the first.")] = 5.0,
     queue_size: Annotated[int, typer.Option("--queue-size", min=1, help="Requests waiting; beyond: 429.")] = 64,
+    request_timeout: Annotated[float, typer.Option(
+        "--request-timeout", min=0.001, help="Seconds from a request's arrival to its answer; beyond: 504.")] = 120.0,
     allowed_root: Annotated[list[Path] | None, typer.Option(
         "--allowed-root", help="Directory whose clips may be named by path in JSON requests (repeatable).")] = None,
     max_resident: Annotated[int, typer.Option("--max-resident", min=1,
@@ -41,11 +42,12 @@ def serve(
     /metrics, OpenAPI docs at /docs."""
     from stadapter.registry import open_registry
     from stadapter.runtime.engine import Engine
-    from stadapter.runtime.server import ServerConfig, serve as run
+    from stadapter.runtime.server import ServerConfig
+    from stadapter.runtime.server import serve as run
 
     preload = list(preload or [])
     config = ServerConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size,
-                          allowed_roots=list(allowed_root or []), preload=preload)
+                          allowed_roots=list(allowed_root or []), preload=preload, request_timeout_s=request_timeout)
     reg = open_registry(db)
     engine = Engine.open(reg, backbone=backbone, weights=weights, tasks=preload, device=device,
                          max_resident=max_resident, alias_ttl=alias_ttl, compile=compile_mode)

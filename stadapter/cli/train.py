@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
-from stadapter.cli.common import BackboneOpt, JsonOpt, WeightsOpt, console, err_console, user_errors
-from stadapter.config import METHODS
+from stadapter.cli.common import BackboneOpt, DbOpt, DeviceOpt, JsonOpt, WeightsOpt, console, err_console, user_errors
+from stadapter.config import DEFAULT_BACKBONE, METHODS
 from stadapter.errors import ConfigError
-
-DbOpt = Annotated[str | None, typer.Option("--db", envvar="STADAPTER_DB",
-                                           help="Registry database URL (default: SQLite in STADAPTER_HOME).")]
 
 
 def _csv_ints(text: str | None, what: str) -> tuple[int, ...] | None:
@@ -34,27 +31,33 @@ def _log(msg: str) -> None:
 def train(
     task: Annotated[str, typer.Option("--task", "-t", help="Task name. A preset name (k400, ssv2, diving48, ucf101, "
                                                            "hmdb51) also picks that recipe.")],
-    train_annotations: Annotated[Path, typer.Option("--train", help="Training annotations: a `path label` list, "
-                                                    "a path,label CSV, Kinetics CSV, SSv2 JSON, UCF101/HMDB51 splits.")],
-    val_annotations: Annotated[Path | None, typer.Option("--val", help="Validation annotations (same formats).")] = None,
+    train_annotations: Annotated[Path, typer.Option(
+        "--train", help="Training annotations: a `path label` list, a path,label CSV, Kinetics CSV, SSv2 JSON, "
+                        "UCF101/HMDB51 splits.")],
+    val_annotations: Annotated[Path | None, typer.Option(
+        "--val", help="Validation annotations (same formats).")] = None,
     root: Annotated[Path | None, typer.Option(help="Directory the clip paths are relative to "
                                                     "(default: the annotation file's directory).")] = None,
-    recipe: Annotated[str | None, typer.Option(help="Recipe preset (default: the task name if it is one, else custom).")] = None,
-    backbone: BackboneOpt = "open_clip:ViT-B-16",
+    recipe: Annotated[str | None, typer.Option(
+        help="Recipe preset (default: the task name if it is one, else custom).")] = None,
+    backbone: BackboneOpt = DEFAULT_BACKBONE,
     weights: WeightsOpt = None,
     method: Annotated[str, typer.Option(help=f"{', '.join(METHODS)}")] = "st-adapter",
     frames: Annotated[int | None, typer.Option(help="Frames per clip (default: the recipe's).")] = None,
     width: Annotated[int | None, typer.Option(help="Adapter bottleneck width r.")] = None,
     positions: Annotated[str | None, typer.Option(help="Adapter positions: attn, mlp or attn,mlp.")] = None,
     kernel: Annotated[str | None, typer.Option(help="Depth-wise conv kernel kT,kH,kW (default 3,1,1).")] = None,
-    activation: Annotated[str | None, typer.Option(help="Adapter activation: none (official code), gelu (Eq. 2).")] = None,
+    activation: Annotated[str | None, typer.Option(
+        help="Adapter activation: none (official code), gelu (Eq. 2).")] = None,
     pool: Annotated[str | None, typer.Option(help="cls (the paper) or patch-mean.")] = None,
     epochs: Annotated[float | None, typer.Option(help="Training epochs.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Clips per optimizer step over all processes.")] = None,
     lr: Annotated[float | None, typer.Option(help="Learning rate per 256 clips (scaled to the batch).")] = None,
     warmup_epochs: Annotated[float | None, typer.Option(help="Linear warmup epochs.")] = None,
-    conv_lr_mult: Annotated[float | None, typer.Option(help="Learning-rate multiplier for the depth-wise conv.")] = None,
-    head_lr_mult: Annotated[float | None, typer.Option(help="Learning-rate multiplier for the classifier head.")] = None,
+    conv_lr_mult: Annotated[float | None, typer.Option(
+        help="Learning-rate multiplier for the depth-wise conv.")] = None,
+    head_lr_mult: Annotated[float | None, typer.Option(
+        help="Learning-rate multiplier for the classifier head.")] = None,
     grad_accum: Annotated[int | None, typer.Option(help="Gradient accumulation steps.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="Save a checkpoint every N steps.")] = None,
@@ -72,7 +75,7 @@ def train(
                                                   "Default: runs/TASK.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the run directory's checkpoint.")] = False,
     max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimizer steps.")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: cuda if present).")] = None,
+    device: DeviceOpt = "auto",
     register: Annotated[bool, typer.Option("--register/--no-register",
                                            help="Register the bundle in the registry.")] = True,
     db: DbOpt = None,
@@ -82,12 +85,12 @@ def train(
     Works the same under `torchrun --nproc_per_node N` (DDP; gloo on CPU, nccl on GPU).
     """
     from stadapter.training.api import resolve_recipe, train_task
-    from stadapter.training.dist import init_distributed  # noqa: F401 - torchrun env is read in train_task
     from stadapter.video.datasets import load_annotations
 
-    adapter = {k: v for k, v in dict(method=method, width=width, kernel=_csv_ints(kernel, "--kernel"),
-                                     positions=tuple(positions.split(",")) if positions else None,
-                                     activation=activation, pool=pool).items() if v is not None}
+    adapter: dict[str, Any] = {
+        k: v for k, v in dict(method=method, width=width, kernel=_csv_ints(kernel, "--kernel"),
+                              positions=tuple(positions.split(",")) if positions else None,
+                              activation=activation, pool=pool).items() if v is not None}
     if "method" in adapter and "activation" not in adapter:
         adapter["activation"] = None  # let the method pick its default activation
     spec = {k: v for k, v in dict(num_frames=frames, flip=flip).items() if v is not None}
@@ -95,7 +98,8 @@ def train(
                                        warmup_epochs=warmup_epochs, conv_lr_mult=conv_lr_mult,
                                        head_lr_mult=head_lr_mult,
                                        grad_accum=grad_accum, seed=seed, checkpoint_every=checkpoint_every,
-                                       num_workers=num_workers, amp=amp, cpu_bf16=cpu_bf16, cache_clips=cache_clips).items()
+                                       num_workers=num_workers, amp=amp, cpu_bf16=cpu_bf16,
+                                       cache_clips=cache_clips).items()
                  if v is not None}
     r = resolve_recipe(task, recipe, adapter, spec, train_cfg)
     tr = load_annotations(train_annotations, split="train", root=root)
@@ -105,18 +109,14 @@ def train(
                          resume=resume, max_steps=max_steps, device=device, log=_log,
                          extra={"data": {"train": str(train_annotations),
                                          "val": str(val_annotations) if val_annotations else None,
-                                         "num_train": len(tr.samples)}})
+                                         "num_train": len(tr.samples)}},
+                         register=register, registry=db, data=str(train_annotations))
     if outcome.bundle_dir is None:
         return  # a non-zero DDP rank
-    ref = None
-    if register:
-        from stadapter.registry import open_registry
-
-        info = open_registry(db).register(outcome.bundle_dir, task=task, source={"kind": "train", "run": str(run_dir)},
-                                          data=str(train_annotations))
-        ref = info.ref
+    ref = outcome.registered
     m = outcome.metrics or {}
-    summary = f"trained {task} ({r.adapter.method}, {outcome.trainable_params:,} trainable params) in {outcome.seconds:.0f} s"
+    summary = (f"trained {task} ({r.adapter.method}, {outcome.trainable_params:,} trainable params) "
+               f"in {outcome.seconds:.0f} s")
     if m.get("top1") is not None:
         summary += f"; val top-1 {100 * m['top1']:.1f}%, top-5 {100 * m['top5']:.1f}%"
     if outcome.skipped:
@@ -130,38 +130,22 @@ def evaluate_cmd(
     task: Annotated[str, typer.Option("--task", "-t", help="TASK, TASK:VERSION or TASK@ALIAS in the registry.")],
     val_annotations: Annotated[Path, typer.Option("--val", help="Evaluation annotations.")],
     root: Annotated[Path | None, typer.Option(help="Directory the clip paths are relative to.")] = None,
-    bundle: Annotated[Path | None, typer.Option(help="Evaluate this bundle directory instead of a registry entry.")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, ...")] = None,
+    bundle: Annotated[Path | None, typer.Option(
+        help="Evaluate this bundle directory instead of a registry entry.")] = None,
+    device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
     db: DbOpt = None,
 ) -> None:
     """Evaluate a trained task with its own test views: top-1/top-5, per-class accuracy, confusion matrix."""
-    from stadapter.bundle import Bundle
-    from stadapter.training.api import prepare_backbone
-    from stadapter.training.data import ClipSource
-    from stadapter.training.dist import device_for
-    from stadapter.training.evaluate import evaluate
-    from stadapter.model.video_vit import VideoViT
-    from stadapter.video.datasets import load_annotations
+    from stadapter.training.api import evaluate_task
 
-    if bundle is None:
-        from stadapter.registry import open_registry
-
-        b = open_registry(db).load_bundle(task)
-    else:
-        b = Bundle.load(bundle)
-    dev = device_for(device)
-    bb = prepare_backbone(b.backbone["spec"], b.backbone.get("weights"), dev, amp=True)
-    b.check_backbone(bb.fingerprint(), str(bb.spec))
-    model = VideoViT(bb, b.adapter, b.spec.num_frames).eval()
-    tensors = {k: v.to(dev) for k, v in b.tensors.items()}
-    ann = load_annotations(val_annotations, split="val", root=root, classes=b.labels)
-    src = ClipSource(ann.samples, b.spec, bb.image_size, bb.mean, bb.std)
-    metrics = evaluate(model, tensors, src, b.labels, log=_log)
+    result = evaluate_task(val_annotations, ref=task if bundle is None else None, bundle_dir=bundle, registry=db,
+                           root=root, device=device, log=_log)
+    metrics = result.metrics
     if as_json:
         typer.echo(json.dumps(metrics))
         return
-    table = Table(title=f"{b.task} on {len(ann.samples)} clips")
+    table = Table(title=f"{result.task} on {result.clips} clips")
     table.add_column("class")
     table.add_column("accuracy", justify="right")
     for name, acc in metrics["per_class"].items():

@@ -20,12 +20,15 @@ import hashlib
 import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from stadapter.errors import BackboneError
+
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import Block, VisionTransformer
 
 LIBRARIES = ("open_clip", "timm")
 
@@ -40,9 +43,9 @@ AdapterHook = Callable[[int, str, Tensor], Tensor]
 
 
 def _parse_value(v: str) -> Any:
-    for cast in (int, float):
+    for number in (int, float):
         try:
-            return cast(v)
+            return number(v)
         except ValueError:
             pass
     if v.lower() in ("true", "false"):
@@ -57,7 +60,7 @@ class BackboneSpec:
     options: tuple[tuple[str, Any], ...] = ()
 
     @classmethod
-    def parse(cls, spec: str) -> "BackboneSpec":
+    def parse(cls, spec: str) -> BackboneSpec:
         text = ALIASES.get(spec.strip(), spec.strip())
         lib, sep, rest = text.partition(":")
         if not sep or lib not in LIBRARIES or not rest:
@@ -94,6 +97,7 @@ class Backbone(nn.Module):
     num_prefix: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    weights: str  # set by stadapter.model.loading.load_backbone; absent on a bare build_architecture()
 
     def __init__(self) -> None:
         super().__init__()
@@ -133,12 +137,12 @@ class Backbone(nn.Module):
         return x
 
     # -- frozen ------------------------------------------------------------------------------------
-    def freeze(self) -> "Backbone":
+    def freeze(self) -> Backbone:
         for p in self.parameters():
             p.requires_grad_(False)
         return super().train(False)
 
-    def train(self, mode: bool = True) -> "Backbone":
+    def train(self, mode: bool = True) -> Backbone:
         """A frozen backbone stays in eval mode (no dropout, no drop-path) whatever its parent asks."""
         return super().train(False)
 
@@ -169,7 +173,9 @@ def state_fingerprint(arch: str, state: Mapping[str, Tensor]) -> str:
 class OpenClipBackbone(Backbone):
     """The vision tower of an open_clip CLIP model; CLIP's ``proj`` is dropped (the paper does not use it)."""
 
-    def __init__(self, spec: BackboneSpec, visual: nn.Module) -> None:
+    visual: Any  # open_clip.transformer.VisionTransformer (open_clip ships no type hints)
+
+    def __init__(self, spec: BackboneSpec, visual: Any) -> None:
         super().__init__()
         self.spec = spec
         self.visual = visual
@@ -206,14 +212,16 @@ class OpenClipBackbone(Backbone):
 class TimmBackbone(Backbone):
     """A timm VisionTransformer (classifier head removed)."""
 
+    vit: VisionTransformer
+
     def __init__(self, spec: BackboneSpec, vit: nn.Module) -> None:
         super().__init__()
         self.spec = spec
-        self.vit = vit
         if not hasattr(vit, "blocks") or not hasattr(vit, "patch_embed"):
             raise BackboneError(f"{spec}: not a timm VisionTransformer")
         if getattr(vit, "cls_token", None) is None:
             raise BackboneError(f"{spec}: the model has no CLS token, which the ST-Adapter head reads")
+        self.vit = vit = cast("VisionTransformer", vit)
         self.dim = vit.embed_dim
         self.depth = len(vit.blocks)
         self.image_size = tuple(vit.patch_embed.img_size)
@@ -228,11 +236,11 @@ class TimmBackbone(Backbone):
         return v.norm_pre(v.patch_drop(v._pos_embed(v.patch_embed(images))))
 
     def attn_branch(self, i: int, x: Tensor) -> Tensor:
-        blk = self.vit.blocks[i]
+        blk = cast("Block", self.vit.blocks[i])
         return blk.drop_path1(blk.ls1(blk.attn(blk.norm1(x))))
 
     def mlp_branch(self, i: int, x: Tensor) -> Tensor:
-        blk = self.vit.blocks[i]
+        blk = cast("Block", self.vit.blocks[i])
         return blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
 
     def final_norm(self, x: Tensor) -> Tensor:
@@ -244,26 +252,35 @@ class TimmBackbone(Backbone):
 
 def build_architecture(spec: BackboneSpec) -> Backbone:
     """The backbone's architecture with random weights (no download). Raises BackboneError if unknown."""
-    opts = dict(spec.options)
-    if spec.library == "open_clip":
-        import open_clip
-        from open_clip.model import CLIPVisionCfg, _build_vision_tower
+    return build_open_clip(spec) if spec.library == "open_clip" else build_timm(spec)
 
-        cfg = open_clip.get_model_config(spec.name)
-        if cfg is None:
-            raise BackboneError(f"unknown open_clip model {spec.name!r} (see open_clip.list_models())")
-        quick_gelu = bool(opts.pop("quick_gelu", cfg.get("quick_gelu", False)))
-        vision = dict(cfg["vision_cfg"])
-        vision.update(opts)
-        try:
-            visual = _build_vision_tower(cfg["embed_dim"], CLIPVisionCfg(**vision), quick_gelu=quick_gelu)
-        except TypeError as e:
-            raise BackboneError(f"bad open_clip option in {spec}: {e}") from e
-        if not hasattr(visual, "transformer"):
-            raise BackboneError(f"{spec}: not a ViT vision tower")
-        return OpenClipBackbone(spec, visual)
+
+def build_open_clip(spec: BackboneSpec) -> OpenClipBackbone:
+    """An open_clip vision tower with random weights."""
+    import open_clip
+    from open_clip.model import CLIPVisionCfg, _build_vision_tower
+
+    opts = dict(spec.options)
+    cfg = open_clip.get_model_config(spec.name)
+    if cfg is None:
+        raise BackboneError(f"unknown open_clip model {spec.name!r} (see open_clip.list_models())")
+    quick_gelu = bool(opts.pop("quick_gelu", cfg.get("quick_gelu", False)))
+    vision = dict(cfg["vision_cfg"])
+    vision.update(opts)
+    try:
+        visual = _build_vision_tower(cfg["embed_dim"], CLIPVisionCfg(**vision), quick_gelu=quick_gelu)
+    except TypeError as e:
+        raise BackboneError(f"bad open_clip option in {spec}: {e}") from e
+    if not hasattr(visual, "transformer"):
+        raise BackboneError(f"{spec}: not a ViT vision tower")
+    return OpenClipBackbone(spec, visual)
+
+
+def build_timm(spec: BackboneSpec) -> TimmBackbone:
+    """A timm VisionTransformer with random weights and no classifier head."""
     import timm
 
+    opts = dict(spec.options)
     if not timm.is_model(spec.name.split(".")[0]):
         raise BackboneError(f"unknown timm model {spec.name!r} (see timm.list_models())")
     try:

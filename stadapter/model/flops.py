@@ -8,17 +8,23 @@ while counting.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+Shape = tuple[int, ...]
 
-def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+
+def _cpu_sdpa_flop(query_shape: Shape, key_shape: Shape, value_shape: Shape, *args: Any,
+                   out_shape: Any = None, **kwargs: Any) -> int:
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-def _custom_mapping() -> dict:
-    ops = {}
+def _custom_mapping() -> dict[Any, Callable[..., int]]:
+    ops: dict[Any, Callable[..., int]] = {}
     for name in ("_scaled_dot_product_flash_attention_for_cpu",):
         op = getattr(torch.ops.aten, name, None)
         if op is not None:
@@ -26,7 +32,7 @@ def _custom_mapping() -> dict:
     return ops
 
 
-def count_gmacs(module: nn.Module, *args, **kwargs) -> float:
+def count_gmacs(module: nn.Module, *args: Any, **kwargs: Any) -> float:
     """GMACs of one forward ``module(*args, **kwargs)`` under no_grad."""
     counter = FlopCounterMode(display=False, custom_mapping=_custom_mapping())
     was_fast = torch.backends.mha.get_fastpath_enabled()

@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 import torch
 
 from stadapter.errors import BackboneError
-from stadapter.model.backbone import Backbone, BackboneSpec, build_architecture
+from stadapter.model.backbone import Backbone, BackboneSpec, TimmBackbone, build_architecture, build_open_clip
 
 RANDOM_INIT_SEED = 0  # weights "none" are reproducible, so their fingerprint pins bundles across processes
 DEFAULT_WEIGHTS = {"open_clip": "openai", "timm": "pretrained"}
@@ -38,7 +38,7 @@ def load_backbone(spec: str | BackboneSpec, weights: str | None = None) -> Backb
         backbone = _from_file(spec, Path(weights))
     else:
         backbone = _from_tag(spec, weights)
-    backbone.weights = weights  # type: ignore[attr-defined]
+    backbone.weights = weights
     backbone.fingerprint()  # in fp32, before any cast to half precision
     return backbone.freeze()
 
@@ -57,7 +57,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any parse failure is the file's fault
+    except Exception as e:  # any parse failure is the file's fault
         raise BackboneError(f"cannot read weights file {path}: {type(e).__name__}: {e}") from e
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
@@ -79,18 +79,16 @@ def _from_file(spec: BackboneSpec, path: Path) -> Backbone:
     if spec.library == "timm":
         import timm
 
-        from stadapter.model.backbone import TimmBackbone
-
         opts = dict(spec.options)
         try:
             vit = timm.create_model(spec.name, pretrained=True, num_classes=0,
                                     pretrained_cfg_overlay=dict(file=str(path)), **opts)
         except RuntimeError as e:
             raise BackboneError(_mismatch_message(spec, path, e)) from e
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # reported as the file's fault, with the cause
             raise BackboneError(f"cannot load weights file {path} into {spec}: {type(e).__name__}: {e}") from e
         return TimmBackbone(spec, vit)
-    backbone = build_architecture(spec)
+    backbone = build_open_clip(spec)
     state = read_state_dict(path)
     if any(k.startswith("visual.") for k in state):
         state = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
@@ -113,7 +111,7 @@ def _endpoint_reachable() -> bool:
 
 
 def _from_tag(spec: BackboneSpec, tag: str) -> Backbone:
-    hint = (f"pass --weights /path/to/weights.safetensors (a local file), or --weights none for a random init")
+    hint = "pass --weights /path/to/weights.safetensors (a local file), or --weights none for a random init"
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     if not offline and not _endpoint_reachable():
         offline = True
@@ -145,7 +143,7 @@ def _from_tag(spec: BackboneSpec, tag: str) -> Backbone:
 
         return TimmBackbone(spec, timm.create_model(spec.name, pretrained=True, num_classes=0,
                                                     **dict(spec.options)))
-    except Exception as e:  # noqa: BLE001 - download failures come in many types
+    except Exception as e:  # download failures come in many types
         why = "no network (and not in the local cache)" if offline else f"{type(e).__name__}: {e}"
         raise BackboneError(f"cannot get pretrained weights {tag!r} for {spec}: {why}; {hint}") from e
     finally:

@@ -28,8 +28,10 @@ from stadapter.config import AdapterConfig
 from stadapter.errors import AdapterSetError, InputError
 from stadapter.model.adapter import BOTTLENECK_NAMES, TENSOR_NAMES, init_adapter_tensors, st_adapter
 from stadapter.model.backbone import Backbone, swapped_parameters
+from stadapter.model.head import clip_features, head_logits
 
 AdapterSet = dict[str, Tensor]
+SlotTensors = dict[tuple[int, str], dict[str, Tensor]]  # (block, position) -> that adapter's tensors
 
 
 class VideoViT(nn.Module):
@@ -40,8 +42,8 @@ class VideoViT(nn.Module):
         self.backbone = backbone
         self.config = config
         self.num_frames = num_frames
-        self._bound: AdapterSet | None = None
-        self._slots: dict[tuple[int, str], dict[str, Tensor]] = {}
+        self._bound: Mapping[str, Tensor] | None = None
+        self._slots: SlotTensors = {}
         self._overrides: dict[str, Tensor] = {}
 
     # -- adapter-set layout ------------------------------------------------------------------------
@@ -101,11 +103,11 @@ class VideoViT(nn.Module):
     def bind(self, tensors: Mapping[str, Tensor]) -> None:
         """Make ``tensors`` the active adapter set. Checks every key and shape first; copies nothing."""
         check_adapter_set(self.expected_shapes(), tensors)
-        self._bound = tensors  # type: ignore[assignment]
+        self._bound = tensors
         self._slots, self._overrides = split_adapter_set(tensors)
 
     @property
-    def bound(self) -> AdapterSet | None:
+    def bound(self) -> Mapping[str, Tensor] | None:
         return self._bound
 
     # -- forward -----------------------------------------------------------------------------------
@@ -113,12 +115,12 @@ class VideoViT(nn.Module):
         if not isinstance(clips, Tensor) or clips.dim() != 5:
             shape = tuple(clips.shape) if isinstance(clips, Tensor) else type(clips).__name__
             raise InputError(f"clips must be a tensor (B, T, 3, H, W), got {shape}")
-        B, T, C, H, W = clips.shape
-        if T != self.num_frames:
-            raise InputError(f"clips have {T} frames, the model expects {self.num_frames}")
-        if C != 3 or (H, W) != tuple(self.backbone.image_size):
+        _, frames, channels, height, width = clips.shape
+        if frames != self.num_frames:
+            raise InputError(f"clips have {frames} frames, the model expects {self.num_frames}")
+        if channels != 3 or (height, width) != tuple(self.backbone.image_size):
             raise InputError(f"frames must be 3 x {self.backbone.image_size[0]} x {self.backbone.image_size[1]}, "
-                             f"got {C} x {H} x {W}")
+                             f"got {channels} x {height} x {width}")
         if not clips.is_floating_point():
             raise InputError(f"clips must be normalised floating-point tensors, got {clips.dtype}")
 
@@ -129,7 +131,7 @@ class VideoViT(nn.Module):
         B, T = clips.shape[:2]
         param = next(self.backbone.parameters())
         images = clips.reshape(B * T, *clips.shape[2:]).to(param.device, param.dtype)
-        bb, act = self.backbone, self.config.activation
+        bb, act = self.backbone, self.config.act
 
         def hook(i: int, pos: str, x: Tensor) -> Tensor:
             w = slots.get((i, pos))
@@ -144,22 +146,16 @@ class VideoViT(nn.Module):
         """Pooled clip features after the final norm, (B, C), in float32: what the head reads."""
         tokens = self.frame_tokens(clips, tensors)  # (B, T, L, C)
         _, overrides = self._resolve(tensors)
-        if self.config.pool == "cls":
-            pooled = tokens[:, :, 0].mean(dim=1)  # (B, C)
-        else:
-            pooled = tokens[:, :, self.backbone.num_prefix:].mean(dim=(1, 2))
-        ctx = swapped_parameters(self.backbone, overrides) if overrides else contextlib.nullcontext()
-        with ctx:
-            return self.backbone.final_norm(pooled).float()
+        return clip_features(self.backbone, tokens, self.config.pool, overrides)
 
     def forward(self, clips: Tensor, tensors: Mapping[str, Tensor] | None = None) -> Tensor:
         """(B, T, 3, H, W) -> logits (B, num_classes), float32."""
         t = self._bound if tensors is None else tensors
         feats = F.dropout(self.features(clips, tensors), self.config.dropout, self.training)
-        w = t["head.weight"]  # type: ignore[index]
-        return F.linear(feats, w.float(), t["head.bias"].float())  # type: ignore[index]
+        assert t is not None  # features() refused a call with no set bound and none passed
+        return head_logits(feats, t)
 
-    def _resolve(self, tensors: Mapping[str, Tensor] | None):
+    def _resolve(self, tensors: Mapping[str, Tensor] | None) -> tuple[SlotTensors, dict[str, Tensor]]:
         if tensors is None:
             if self._bound is None:
                 raise AdapterSetError("no adapter set is bound: call bind() or pass tensors")
@@ -167,9 +163,9 @@ class VideoViT(nn.Module):
         return split_adapter_set(tensors)
 
 
-def split_adapter_set(tensors: Mapping[str, Tensor]):
+def split_adapter_set(tensors: Mapping[str, Tensor]) -> tuple[SlotTensors, dict[str, Tensor]]:
     """Group a flat set into per-slot dicts and backbone overrides (references, no copies)."""
-    slots: dict[tuple[int, str], dict[str, Tensor]] = {}
+    slots: SlotTensors = {}
     overrides: dict[str, Tensor] = {}
     for key, t in tensors.items():
         if key.startswith("adapters."):

@@ -17,24 +17,36 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import re
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from sqlalchemy import Engine, delete, func, select, update
+from sqlalchemy import CursorResult, Engine, Result, delete, func, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, selectinload
 
-from stadapter.errors import BackboneError, BundleError, RegistryError
+from stadapter.bundle import (
+    CONFIG,
+    LABELS,
+    MANIFEST,
+    METRICS,
+    BundleConfig,
+    parse_config,
+    parse_manifest,
+    verify_bundle,
+)
+from stadapter.errors import BackboneError, BundleError, RegistryError, RegistryUnavailable
+from stadapter.fsio import publish_dir
 from stadapter.registry import db as dbm
 from stadapter.registry.models import AdapterVersion, Alias, Backbone, Tag, Task, utcnow
-from stadapter.registry.store import BlobStore, fsync_dir, remove_tree
+from stadapter.registry.store import BlobStore, remove_tree
+
+if TYPE_CHECKING:
+    from stadapter.bundle import Bundle
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 PRODUCTION = "production"
@@ -170,15 +182,15 @@ class Registry:
     # -- sessions ----------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def _tx(self, write: bool = False) -> Iterator[Session]:
-        """One transaction; commits on success. Database failures become RegistryError, except the transient
-        ones (deadlock, serialization failure, a locked SQLite file) that ``_retry`` retries."""
+        """One transaction; commits on success. Database failures become RegistryUnavailable, except the
+        transient ones (deadlock, serialization failure, a locked SQLite file) that ``_retry`` retries."""
         try:
             with Session(self._writer if write else self.engine, expire_on_commit=False) as s, s.begin():
                 yield s
         except OperationalError as e:
             if _transient(e):
                 raise
-            raise RegistryError(f"registry database {dbm.redact(self.url)}: {_first_line(e.orig)}") from e
+            raise RegistryUnavailable(f"registry database {dbm.redact(self.url)}: {_first_line(e.orig)}") from e
 
     def _retry(self, fn: Callable[[], T], attempts: int = 8, integrity: bool = False) -> T:
         """Run a transaction function again after a transient failure (and, with ``integrity``, after a
@@ -190,8 +202,8 @@ class Registry:
                 again = _transient(e) or (integrity and isinstance(e, IntegrityError))
                 if not again or i == attempts - 1:
                     if isinstance(e, OperationalError):
-                        raise RegistryError(f"registry database {dbm.redact(self.url)}: "
-                                            f"{_first_line(e.orig)}") from e
+                        raise RegistryUnavailable(f"registry database {dbm.redact(self.url)}: "
+                                                  f"{_first_line(e.orig)}") from e
                     raise
                 time.sleep(0.05 * (i + 1))
         raise AssertionError("unreachable")
@@ -206,30 +218,11 @@ class Registry:
         source also records the Hub location (see :meth:`find_by_source`). parent: the version this one was
         trained from. data: a description of the training data (default: the config's ``extra.data``).
         """
-        from stadapter.bundle import CONFIG, LABELS, MANIFEST, METRICS, verify_bundle
-
         bundle_dir = Path(bundle_dir)
-        if not bundle_dir.is_dir():
-            raise BundleError(f"bundle directory {bundle_dir} does not exist")
-        manifest = verify_bundle(bundle_dir)
-        listed: dict[str, dict[str, Any]] = manifest["files"]
-        raw_manifest = (bundle_dir / MANIFEST).read_bytes()
-        if json.loads(raw_manifest).get("files") != listed:
-            raise BundleError(f"bundle {bundle_dir}: {MANIFEST} changed while it was being registered")
-        files = {name: {"sha256": e["sha256"], "size": int(e["size"])} for name, e in sorted(listed.items())}
-        files[MANIFEST] = {"sha256": hashlib.sha256(raw_manifest).hexdigest(), "size": len(raw_manifest)}
-
-        config = _read_json(bundle_dir, CONFIG, files)
-        labels = _read_json(bundle_dir, LABELS, files)
-        metrics = _read_json(bundle_dir, METRICS, files) if METRICS in files else None
-        if not isinstance(config, dict):
-            raise BundleError(f"bundle {bundle_dir}: {CONFIG} is not a JSON object")
-        name = check_name(task or config.get("task") or "", "task")
-        backbone = config.get("backbone") or {}
-        fingerprint = backbone.get("fingerprint")
-        if not fingerprint:
-            raise BundleError(f"bundle {bundle_dir}: {CONFIG} names no backbone fingerprint")
-        extra = config.get("extra") or {}
+        checked = _check_bundle(bundle_dir)  # a bad bundle is refused here: no blob written, no version number
+        files, config, labels, metrics = checked.files, checked.config, checked.labels, checked.metrics
+        name = check_name(task or checked.parsed.task, "task")
+        backbone, fingerprint, extra = checked.parsed.backbone, checked.parsed.fingerprint, checked.parsed.extra
         if data is None and extra.get("data") is not None:
             data = extra["data"] if isinstance(extra["data"], str) else json.dumps(extra["data"], sort_keys=True)
         hub = (source or {}).get("kind") == "hub"
@@ -275,29 +268,7 @@ class Registry:
         name, number, alias = parse_ref(ref)
         with self._tx() as s:
             task = self._task(s, name)
-            if alias is not None:
-                row = s.scalar(select(Alias).where(Alias.task_id == task.id, Alias.name == alias))
-                if row is None:
-                    names = s.scalars(select(Alias.name).where(Alias.task_id == task.id).order_by(Alias.name)).all()
-                    raise RegistryError(f"task {name!r} has no alias {alias!r} (aliases: "
-                                        f"{', '.join(names) or 'none'})")
-                version_id = row.version_id
-            elif number is not None and number > 0:
-                version_id = s.scalar(select(AdapterVersion.id).where(AdapterVersion.task_id == task.id,
-                                                                      AdapterVersion.version == number))
-                if version_id is None:
-                    raise RegistryError(f"task {name!r} has no version {number} (versions: "
-                                        f"{_ranges(self._numbers(s, task.id))})")
-            else:
-                version_id = None
-                if number is None:
-                    version_id = s.scalar(select(Alias.version_id).where(Alias.task_id == task.id,
-                                                                         Alias.name == PRODUCTION))
-                if version_id is None:
-                    version_id = s.scalar(select(AdapterVersion.id).where(AdapterVersion.task_id == task.id)
-                                          .order_by(AdapterVersion.version.desc()).limit(1))
-                if version_id is None:
-                    raise RegistryError(f"task {name!r} has no versions")
+            version_id = self._version_id(s, task, number, alias)
             info = self._load(s, version_id)
             if fingerprint is not None and info.backbone_fingerprint != fingerprint:
                 fits = s.scalars(select(AdapterVersion.version).join(Backbone)
@@ -308,6 +279,32 @@ class Registry:
                     f"{info.backbone_weights}, fingerprint {info.backbone_fingerprint}), but the running backbone "
                     f"has fingerprint {fingerprint}; versions of {name} trained on it: {_ranges(fits) or 'none'}")
         return info
+
+    def _version_id(self, s: Session, task: Task, number: int | None, alias: str | None) -> int:
+        """The id of the version a parsed reference names (see :func:`parse_ref`), or RegistryError."""
+        if alias is not None:
+            row = s.scalar(select(Alias).where(Alias.task_id == task.id, Alias.name == alias))
+            if row is None:
+                names = s.scalars(select(Alias.name).where(Alias.task_id == task.id).order_by(Alias.name)).all()
+                raise RegistryError(f"task {task.name!r} has no alias {alias!r} (aliases: "
+                                    f"{', '.join(names) or 'none'})")
+            return int(row.version_id)
+        if number is not None and number > 0:
+            found = s.scalar(select(AdapterVersion.id).where(AdapterVersion.task_id == task.id,
+                                                             AdapterVersion.version == number))
+            if found is None:
+                raise RegistryError(f"task {task.name!r} has no version {number} (versions: "
+                                    f"{_ranges(self._numbers(s, task.id))})")
+            return int(found)
+        found = None
+        if number is None:  # a bare task name: its production alias first
+            found = s.scalar(select(Alias.version_id).where(Alias.task_id == task.id, Alias.name == PRODUCTION))
+        if found is None:
+            found = s.scalar(select(AdapterVersion.id).where(AdapterVersion.task_id == task.id)
+                             .order_by(AdapterVersion.version.desc()).limit(1))
+        if found is None:
+            raise RegistryError(f"task {task.name!r} has no versions")
+        return int(found)
 
     def get(self, version_id: int) -> VersionInfo:
         return self._info(version_id)
@@ -344,10 +341,10 @@ class Registry:
                 q = q.join(Task).where(Task.name == task)
             ids = set(s.scalars(q))
             # A pulled version pushed elsewhere later keeps its origin only in ``source``.
-            q = select(AdapterVersion.id, AdapterVersion.source).where(AdapterVersion.source.is_not(None))
+            with_source = select(AdapterVersion.id, AdapterVersion.source).where(AdapterVersion.source.is_not(None))
             if task is not None:
-                q = q.join(Task).where(Task.name == task)
-            for vid, src in s.execute(q):
+                with_source = with_source.join(Task).where(Task.name == task)
+            for vid, src in s.execute(with_source):
                 if isinstance(src, dict) and src.get("repo") == repo and src.get("commit") == commit:
                     ids.add(vid)
             return self._load(s, min(ids)) if ids else None
@@ -374,8 +371,8 @@ class Registry:
         self._build(info, dest, link=True)
         return dest
 
-    def load_bundle(self, ref_or_info: str | VersionInfo, fingerprint: str | None = None):  # -> Bundle
-        """The version's bundle, loaded from verified files (``stadapter.bundle.Bundle``)."""
+    def load_bundle(self, ref_or_info: str | VersionInfo, fingerprint: str | None = None) -> Bundle:
+        """The version's bundle, loaded from verified files."""
         from stadapter.bundle import Bundle
 
         info = self.resolve(ref_or_info, fingerprint) if isinstance(ref_or_info, str) else ref_or_info
@@ -410,29 +407,14 @@ class Registry:
             self._build_locked(info, dest, link)
 
     def _build_locked(self, info: VersionInfo, dest: Path, link: bool) -> None:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-        try:
+        def export(staging: Path) -> None:
             for name, entry in sorted(info.files.items()):
-                self._store_with(info, entry["sha256"]).export(entry["sha256"], int(entry["size"]), tmp / name,
-                                                               f"{info.ref}: {name}", link=link)
-            if not link:
-                for f in tmp.iterdir():
-                    _fsync_file(f)
-            if dest.is_dir():
-                with contextlib.suppress(OSError):
-                    dest.rmdir()  # an empty export target; a cache directory another process just built stays
-            try:
-                os.rename(tmp, dest)
-            except OSError:
-                # Another process materialized the same version first; keep its directory if intact.
-                if not (dest.is_dir() and self._intact(info, dest)):
-                    raise
-                remove_tree(tmp)
-            fsync_dir(dest.parent)
-        except BaseException:
-            if tmp.exists():
-                remove_tree(tmp)
-            raise
+                self._store_with(info, entry["sha256"]).export(entry["sha256"], int(entry["size"]),
+                                                               staging / name, f"{info.ref}: {name}", link=link)
+
+        # Hard links share the blobs' (already durable) bytes. When another process materialized the same
+        # version first, its directory is kept if intact.
+        publish_dir(dest, export, sync_files=not link, keep_existing=lambda built: self._intact(info, built))
 
     # -- changing ----------------------------------------------------------------------------------------
     def set_alias(self, task: str, name: str, version: int | str | VersionInfo) -> VersionInfo:
@@ -468,7 +450,7 @@ class Registry:
         def write() -> None:
             with self._tx(write=True) as s:
                 task_id = self._task(s, task).id
-                n = s.execute(delete(Alias).where(Alias.task_id == task_id, Alias.name == name)).rowcount
+                n = _rowcount(s.execute(delete(Alias).where(Alias.task_id == task_id, Alias.name == name)))
                 if not n:
                     raise RegistryError(f"task {task!r} has no alias {name!r}")
 
@@ -505,9 +487,9 @@ class Registry:
 
         def write() -> None:
             with self._tx(write=True) as s:
-                n = s.execute(update(AdapterVersion).where(AdapterVersion.id == info.id)
-                              .values(hub_repo=repo, hub_commit=commit, hub_tag=tag),
-                              execution_options={"synchronize_session": False}).rowcount
+                n = _rowcount(s.execute(update(AdapterVersion).where(AdapterVersion.id == info.id)
+                                        .values(hub_repo=repo, hub_commit=commit, hub_tag=tag),
+                                        execution_options={"synchronize_session": False}))
                 if not n:
                     raise RegistryError(f"{info.ref} is not in the registry")
 
@@ -535,7 +517,7 @@ class Registry:
 
         def write() -> None:
             with self._tx(write=True) as s:
-                if not s.execute(delete(Tag).where(Tag.version_id == info.id, Tag.key == key)).rowcount:
+                if not _rowcount(s.execute(delete(Tag).where(Tag.version_id == info.id, Tag.key == key))):
                     raise RegistryError(f"{info.ref} has no tag {key!r}")
 
         self._retry(write)
@@ -654,6 +636,36 @@ def _ensure(s: Session, model: type, key: dict[str, Any], values: dict[str, Any]
     return int(row.id)
 
 
+@dataclass(frozen=True)
+class _CheckedBundle:
+    """A bundle directory's files as they will be registered, and its parsed config."""
+
+    files: dict[str, dict[str, Any]]  # name -> {"sha256", "size"}, the manifest included
+    config: dict[str, Any]
+    labels: list[str]
+    metrics: Any
+    parsed: BundleConfig
+
+
+def _check_bundle(bundle_dir: Path) -> _CheckedBundle:
+    """Verify every file of ``bundle_dir`` against its manifest and parse its config and labels (the same
+    checks as loading it), reading each JSON file once and checking it against the digest registered."""
+    where = f"bundle {bundle_dir}"
+    if not bundle_dir.is_dir():
+        raise BundleError(f"bundle directory {bundle_dir} does not exist")
+    listed: dict[str, dict[str, Any]] = verify_bundle(bundle_dir)["files"]
+    raw_manifest = (bundle_dir / MANIFEST).read_bytes()
+    if parse_manifest(raw_manifest, where)["files"] != listed:
+        raise BundleError(f"{where}: {MANIFEST} changed while it was being registered")
+    files = {name: {"sha256": e["sha256"], "size": e["size"]} for name, e in sorted(listed.items())}
+    files[MANIFEST] = {"sha256": hashlib.sha256(raw_manifest).hexdigest(), "size": len(raw_manifest)}
+    config = _read_json(bundle_dir, CONFIG, files)
+    labels = _read_json(bundle_dir, LABELS, files)
+    metrics = _read_json(bundle_dir, METRICS, files) if METRICS in files else None
+    parsed = parse_config(config, labels, where)
+    return _CheckedBundle(files, config, labels, metrics, parsed)
+
+
 def _read_json(directory: Path, name: str, files: dict[str, dict[str, Any]]) -> Any:
     """A bundle JSON file, read once and checked against the sha256 it was registered with."""
     raw = (directory / name).read_bytes()
@@ -687,15 +699,12 @@ def _first_line(e: BaseException | None) -> str:
     return str(e).strip().splitlines()[0] if e is not None and str(e).strip() else repr(e)
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _rowcount(result: Result[Any]) -> int:
+    """Rows an UPDATE or DELETE touched (its result is a CursorResult)."""
+    return int(cast("CursorResult[Any]", result).rowcount)
 
 
-def _ranges(numbers: list[int]) -> str:
+def _ranges(numbers: Sequence[int]) -> str:
     """[1, 2, 3, 5] -> "1-3, 5"."""
     spans: list[list[int]] = []
     for n in numbers:

@@ -17,12 +17,18 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy import Connection, Engine, create_engine, event, inspect
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
+from sqlalchemy.pool import ConnectionPoolEntry
 
 from stadapter.errors import RegistryError
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 DB_FILE = "registry.db"
@@ -113,7 +119,7 @@ def make_engine(url: str) -> Engine:
 
 def _sqlite_setup(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
-    def _connect(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+    def _connect(dbapi_connection: sqlite3.Connection, _record: ConnectionPoolEntry) -> None:
         dbapi_connection.isolation_level = None  # we emit BEGIN ourselves (below)
         cursor = dbapi_connection.cursor()
         cursor.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
@@ -122,12 +128,12 @@ def _sqlite_setup(engine: Engine) -> None:
         cursor.close()
 
     @event.listens_for(engine, "begin")
-    def _begin(conn) -> None:  # type: ignore[no-untyped-def]
+    def _begin(conn: Connection) -> None:
         mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
         conn.exec_driver_sql(f"BEGIN {mode}")
 
 
-def _set_wal(cursor) -> None:  # type: ignore[no-untyped-def]
+def _set_wal(cursor: sqlite3.Cursor) -> None:
     """Switch a SQLite database to WAL (persistent, so only its first connection changes anything). Changing
     the journal mode can answer SQLITE_BUSY at once, without the busy handler, while another process opens the
     new file; retry within the busy timeout."""
@@ -147,7 +153,7 @@ def _set_wal(cursor) -> None:  # type: ignore[no-untyped-def]
 
 # -- migrations ------------------------------------------------------------------------------------------
 
-def alembic_config(engine: Engine | None = None):  # type: ignore[no-untyped-def]
+def alembic_config(engine: Engine | None = None) -> Config:
     """An Alembic Config pointing at the migrations inside the package (no alembic.ini needed)."""
     from alembic.config import Config
 
@@ -159,7 +165,7 @@ def alembic_config(engine: Engine | None = None):  # type: ignore[no-untyped-def
 
 
 @functools.lru_cache(maxsize=1)
-def script_directory():  # type: ignore[no-untyped-def]
+def script_directory() -> ScriptDirectory:
     """The packaged migrations (read once per process)."""
     from alembic.script import ScriptDirectory
 

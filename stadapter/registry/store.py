@@ -10,18 +10,18 @@ it never deletes a blob whose row is about to commit.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 import stat
+import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from stadapter.errors import BundleError
+from stadapter.fsio import copy_hashing, fsync_dir, sha256_file
 from stadapter.registry.db import file_lock
 
 TMP_PREFIX = ".tmp-"
-CHUNK = 1 << 20
 
 
 class BlobStore:
@@ -51,7 +51,7 @@ class BlobStore:
         """Publish ``source`` as the blob ``sha256``. The bytes are hashed as they are copied, so a source that
         changed since its digest was taken is refused. An intact blob already present is kept."""
         final = self.path(sha256)
-        if final.is_file() and final.stat().st_size == size and _hash(final) == sha256:
+        if self.check(final, sha256, size):
             return final
         if not final.parent.is_dir():
             final.parent.mkdir(parents=True, exist_ok=True)
@@ -59,16 +59,11 @@ class BlobStore:
         fd, tmp_name = _mkstemp(final.parent)
         tmp = Path(tmp_name)
         try:
-            h = hashlib.sha256()
-            written = 0
-            with open(source, "rb") as src, os.fdopen(fd, "wb") as dst:
-                while block := src.read(CHUNK):
-                    h.update(block)
-                    dst.write(block)
-                    written += len(block)
+            with os.fdopen(fd, "wb") as dst:
+                digest, written = copy_hashing(source, dst)
                 dst.flush()
                 os.fsync(dst.fileno())
-            if h.hexdigest() != sha256 or written != size:
+            if digest != sha256 or written != size:
                 raise BundleError(f"{source} changed while it was being registered (sha256 or size differs "
                                   f"from the manifest)")
             os.chmod(tmp, stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
@@ -91,24 +86,21 @@ class BlobStore:
                 os.link(blob, dest)
             except OSError:
                 link = False
-            else:
-                if dest.stat().st_size != size or _hash(dest) != sha256:
-                    dest.unlink()
-                    raise BundleError(f"{what} is corrupt in the blob store: its bytes no longer match sha256 "
-                                      f"{sha256[:12]}... ({blob})")
-                return
-        h = hashlib.sha256()
-        with open(blob, "rb") as src, open(dest, "wb") as dst:
-            while block := src.read(CHUNK):
-                h.update(block)
-                dst.write(block)
-        if h.hexdigest() != sha256 or dest.stat().st_size != size:
+        if link:
+            intact = self.check(dest, sha256, size)
+        else:
+            with open(dest, "wb") as dst:
+                digest, copied = copy_hashing(blob, dst)
+            intact = digest == sha256 and copied == size
+        if not intact:
             dest.unlink()
             raise BundleError(f"{what} is corrupt in the blob store: its bytes no longer match sha256 "
                               f"{sha256[:12]}... ({blob})")
 
-    def check(self, path: Path, sha256: str, size: int) -> bool:
-        return path.is_file() and path.stat().st_size == size and _hash(path) == sha256
+    @staticmethod
+    def check(path: Path, sha256: str, size: int) -> bool:
+        """Whether ``path`` is a file of ``size`` bytes whose sha256 is ``sha256``."""
+        return path.is_file() and path.stat().st_size == size and sha256_file(path) == sha256
 
     # -- collecting ------------------------------------------------------------------------------------
     def sweep(self, referenced: Iterable[str]) -> tuple[int, int]:
@@ -139,30 +131,8 @@ class BlobStore:
                         yield fan.name + f.name
 
 
-def _hash(path: Path) -> str:
-    from stadapter.bundle import sha256_file  # lazy: stadapter.bundle imports torch
-
-    return sha256_file(path)
-
-
 def _mkstemp(directory: Path) -> tuple[int, str]:
-    import tempfile
-
     return tempfile.mkstemp(prefix=TMP_PREFIX, dir=directory)
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a rename inside ``directory`` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def remove_tree(path: Path) -> None:

@@ -3,9 +3,10 @@
 The compiled function takes the adapter weights as *inputs*, never as constants: every resident set of one
 layout (frames, width, kernel (kT, 1, 1), adapter slots, activation) is copied once into a fixed *slot* of a
 per-layout bank (one tensor per adapter tensor name, shape (S, ...)), and a batch passes a per-clip slot index.
-Inside the graph each clip gathers its own weights (``bank[idx]``) and the adapters run as batched matmuls
-(``baddbmm``) plus three broadcast taps for the temporal conv, so a batch may mix tasks, and switching tasks
-changes only the index values: same shapes, same addresses, no recompilation, and a captured CUDA graph
+Inside the graph each clip gathers its own weights (``bank[idx]``) and the adapters run through the model's
+own :func:`~stadapter.model.adapter.adapter_delta` with those per-clip weights (batched matmuls, ``baddbmm``,
+and broadcast taps for the temporal conv), so a batch may mix tasks, and switching tasks changes only the
+index values: same shapes, same addresses, no recompilation, and a captured CUDA graph
 (``mode="reduce-overhead"``) stays valid because the banks are static addresses written in place. Batches are
 padded to power-of-two sizes, so the number of graphs is bounded by the number of layouts and batch buckets.
 
@@ -18,15 +19,16 @@ resident set of the layout (the pool's copy is kept for the eager path). Off by 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from stadapter.model.adapter import ACTIVATIONS
+from stadapter.model.adapter import BOTTLENECK_NAMES, TENSOR_NAMES, adapter_delta
 from stadapter.model.backbone import Backbone
+from stadapter.runtime.pool import ResidentSet
+from stadapter.runtime.types import Segment, TaskHandle
 
 BACKENDS = ("eager", "aot_eager", "inductor")  # mode names that pick a backend instead of an inductor mode
 
@@ -40,8 +42,17 @@ class Layout:
     activation: str
     conv: bool
 
+    @property
+    def tensor_names(self) -> tuple[str, ...]:
+        """The names of each adapter's tensors, in the order the compiled function takes them."""
+        return TENSOR_NAMES if self.conv else BOTTLENECK_NAMES
 
-def layout_of(handle: Any, rs: Any) -> Layout | None:
+
+# The compiled function: (images (N*T, 3, H, W), per-clip slot index (N,), *bank tensors) -> tokens (N*T, L, C).
+BankedForward = Callable[..., Tensor]
+
+
+def layout_of(handle: TaskHandle, rs: ResidentSet) -> Layout | None:
     """The bank layout of a task's set, or None when the compiled path does not cover it."""
     cfg = handle.adapter
     if rs.overrides or not rs.slots:
@@ -50,13 +61,11 @@ def layout_of(handle: Any, rs: Any) -> Layout | None:
     if conv and tuple(cfg.kernel[1:]) != (1, 1):
         return None
     return Layout(handle.num_frames, cfg.width, cfg.kernel[0] if conv else 1, tuple(sorted(rs.slots)),
-                  cfg.activation, conv)
+                  cfg.act, conv)
 
 
 class Bank:
     """Fixed slots for the sets of one layout: tensors of shape (S, ...), written in place."""
-
-    NAMES = ("fc1.weight", "fc1.bias", "conv.weight", "conv.bias", "fc2.weight", "fc2.bias")
 
     def __init__(self, layout: Layout, example: dict[tuple[int, str], dict[str, Tensor]], size: int,
                  static: bool) -> None:
@@ -64,9 +73,7 @@ class Bank:
         self.tensors: dict[tuple[int, str], dict[str, Tensor]] = {}
         for slot in layout.slots:
             self.tensors[slot] = {}
-            for name in self.NAMES:
-                if name not in example[slot]:
-                    continue
+            for name in layout.tensor_names:
                 t = example[slot][name]
                 self.tensors[slot][name] = torch.zeros((size, *t.shape), dtype=t.dtype, device=t.device)
                 if static:
@@ -75,9 +82,10 @@ class Bank:
         self.writes = 0
 
     def flat(self) -> list[Tensor]:
-        return [self.tensors[s][n] for s in self.layout.slots for n in self.NAMES if n in self.tensors[s]]
+        """Every bank tensor, slot by slot in the layout's order, as the compiled function takes them."""
+        return [self.tensors[s][n] for s in self.layout.slots for n in self.layout.tensor_names]
 
-    def index(self, rs: Any, busy: set[int]) -> int:
+    def index(self, rs: ResidentSet, busy: set[int]) -> int:
         """The slot holding ``rs`` (written into the least recently used free slot on first use)."""
         i = self.where.get(rs.key)
         if i is not None:
@@ -112,7 +120,7 @@ class CompiledBackbone:
         self.mode = mode
         self.slots = max(int(slots), 1)
         self.banks: dict[Layout, Bank] = {}
-        self._fns: dict[Layout, Any] = {}
+        self._fns: dict[Layout, BankedForward] = {}
         # one code object serves every (layout, batch bucket): let dynamo keep that many graphs
         cfg = torch._dynamo.config
         for name in ("recompile_limit", "cache_size_limit"):
@@ -121,14 +129,18 @@ class CompiledBackbone:
         static = mode in ("reduce-overhead", "max-autotune")
         self._static = static and next(backbone.parameters()).is_cuda
 
-    def supports(self, segments: Sequence[tuple[int, int, Any, Any]]) -> Layout | None:
-        layouts = {layout_of(h, rs) for _, _, rs, h in segments}
+    def supports(self, segments: Sequence[Segment]) -> Layout | None:
+        """The one bank layout of every segment's set, or None when they differ, one is not covered, or there
+        are more distinct sets than the bank has slots."""
+        layouts = {layout_of(seg.handle, seg.resident) for seg in segments}
         if len(layouts) != 1:
             return None
         (layout,) = layouts
-        return layout if layout is not None and len({rs.key for _, _, rs, _ in segments}) <= self.slots else None
+        if layout is None or len({seg.resident.key for seg in segments}) > self.slots:
+            return None
+        return layout
 
-    def _compiled(self, layout: Layout):
+    def _compiled(self, layout: Layout) -> BankedForward:
         fn = self._fns.get(layout)
         if fn is None:
             raw = self._make(layout)
@@ -139,60 +151,41 @@ class CompiledBackbone:
             self._fns[layout] = fn
         return fn
 
-    def _make(self, layout: Layout):
+    def _make(self, layout: Layout) -> BankedForward:
+        """The uncompiled forward of one layout: each clip's adapters gathered from the bank by its slot index."""
         bb = self.backbone
         grid, prefix, T = bb.grid, bb.num_prefix, layout.frames
-        act = ACTIVATIONS[layout.activation]
-        names = [(s, n) for s in layout.slots for n in Bank.NAMES
-                 if layout.conv or n not in ("conv.weight", "conv.bias")]
-        kT = layout.kT
+        names = [(s, n) for s in layout.slots for n in layout.tensor_names]
 
         def run(images: Tensor, idx: Tensor, *flat: Tensor) -> Tensor:
             bank: dict[tuple[int, str], dict[str, Tensor]] = {}
-            for (slot, name), t in zip(names, flat):
+            for (slot, name), t in zip(names, flat, strict=True):
                 bank.setdefault(slot, {})[name] = t
 
-            def hook(i: int, pos: str, x: Tensor) -> Tensor:
-                w = bank.get((i, pos))
-                if w is None:
+            def hook(i: int, pos: str, x: Tensor) -> Tensor:  # x: (N*T, L, C)
+                slot = bank.get((i, pos))
+                if slot is None:
                     return x
-                NT, L, C = x.shape
-                N = NT // T
-                HW = L - prefix
-                patches = x[:, prefix:]  # (N*T, HW, C)
-                p = patches.reshape(N, T * HW, C)
-                h = torch.baddbmm(w["fc1.bias"][idx][:, None, :], p, w["fc1.weight"][idx].transpose(1, 2))
-                if layout.conv:
-                    r = h.shape[-1]
-                    h4 = h.reshape(N, T, HW, r)
-                    taps = w["conv.weight"][idx].reshape(N, r, kT)  # (N, r, kT)
-                    pad = kT // 2
-                    hp = torch.nn.functional.pad(h4, (0, 0, 0, 0, pad, pad))
-                    out = w["conv.bias"][idx][:, None, None, :].expand(N, T, HW, r)
-                    for k in range(kT):
-                        out = out + hp[:, k:k + T] * taps[:, None, None, :, k]
-                    h = out.reshape(N, T * HW, r)
-                h = act(h)  # (N, T*HW, r), after the conv as st_adapter
-                d = torch.baddbmm(w["fc2.bias"][idx][:, None, :], h, w["fc2.weight"][idx].transpose(1, 2))
-                return torch.cat([x[:, :prefix], patches + d.reshape(NT, HW, C)], dim=1)
+                per_clip = {name: t[idx] for name, t in slot.items()}  # (N, ...) each
+                return x + adapter_delta(x, per_clip, T, prefix, layout.activation, grid)
 
             return bb(images, hook)
 
         return run
 
-    def run(self, images: Tensor, T: int, segments: Sequence[tuple[int, int, Any, Any]]) -> Tensor:
+    def run(self, images: Tensor, T: int, segments: Sequence[Segment]) -> Tensor:
         """Tokens after the last block (N*T, L, C) for clips whose sets are ``segments``' (one layout)."""
         layout = self.supports(segments)
         assert layout is not None and layout.frames == T
         bank = self.banks.get(layout)
         if bank is None:
-            bank = self.banks[layout] = Bank(layout, segments[0][2].slots, self.slots, self._static)
+            bank = self.banks[layout] = Bank(layout, segments[0].resident.slots, self.slots, self._static)
         busy: set[int] = set()
         per_clip: list[int] = []
-        for a, b, rs, _ in segments:
-            i = bank.index(rs, busy)
+        for seg in segments:
+            i = bank.index(seg.resident, busy)
             busy.add(i)
-            per_clip.extend([i] * (b - a))
+            per_clip.extend([i] * (seg.stop - seg.start))
         n = len(per_clip)
         m = _bucket(n)
         idx = torch.tensor(per_clip + [per_clip[0]] * (m - n), device=images.device)

@@ -16,61 +16,32 @@ replaces backbone tensors (bitfit / partial / full baselines) gets a backbone pa
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import platform
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from stadapter.config import AdapterConfig, TaskSpec
-from stadapter.errors import AdapterSetError, BundleError, InputError
-from stadapter.model.adapter import st_adapter
+from stadapter.bundle import TENSORS, parse_config
+from stadapter.errors import AdapterSetError, InputError
 from stadapter.model.backbone import Backbone, swapped_parameters
+from stadapter.model.head import clip_features, head_logits
 from stadapter.model.video_vit import VideoViT, check_adapter_set
-from stadapter.runtime.kernels import adapter_delta, fast_path
+from stadapter.runtime.kernels import segment_hook
 from stadapter.runtime.pool import AdapterPool, ResidentSet, SetSource
+from stadapter.runtime.types import Registry, Segment, TaskHandle, segments_of
 from stadapter.training.metrics import average_views
 
-TENSORS_FILE = "adapter.safetensors"
-
-
-@dataclass(frozen=True, eq=False)
-class TaskHandle:
-    """A resolved task version the engine can run."""
-
-    ref: str  # what was asked for: "k400", "k400:3", "k400@staging"
-    info: Any  # stadapter.registry.VersionInfo
-    adapter: AdapterConfig
-    spec: TaskSpec
-    labels: tuple[str, ...]
-    expected: Mapping[str, tuple[int, ...]]
-
-    @property
-    def key(self) -> int:
-        return self.info.id
-
-    @property
-    def name(self) -> str:
-        return self.info.ref  # "task:version"
-
-    @property
-    def task(self) -> str:
-        return self.info.task
-
-    @property
-    def num_frames(self) -> int:
-        return self.spec.num_frames
-
-    @property
-    def num_classes(self) -> int:
-        return self.adapter.num_classes
+if TYPE_CHECKING:
+    from stadapter.registry.api import VersionInfo
+    from stadapter.runtime.compiled import CompiledBackbone
 
 
 @dataclass
@@ -107,7 +78,7 @@ class Engine:
     docstring. ``forward``/``predict`` are meant to be called from one thread (the one that owns the model);
     ``resolve`` and ``prefetch`` may be called from any thread."""
 
-    def __init__(self, backbone: Backbone, registry: Any, *, device: str | torch.device | None = "cpu",
+    def __init__(self, backbone: Backbone, registry: Registry, *, device: str | torch.device | None = "cpu",
                  dtype: torch.dtype | None = None, max_resident: int | None = 64,
                  max_resident_bytes: int | None = None, host_max_bytes: int | None = 8 << 30,
                  alias_ttl: float | None = None, mmap: bool | None = None, compile: str | None = None,
@@ -123,16 +94,14 @@ class Engine:
                                 host_max_bytes=host_max_bytes, mmap=mmap, workers=prefetch_workers)
         self.swaps = 0
         self.batches = 0
-        self._last_key: int | None = None
+        self._last_key: Hashable | None = None
         self._resolved: dict[str, _Resolved] = {}
         self._handles: dict[tuple[str, int], TaskHandle] = {}
         self._paths: dict[int, tuple[Path, tuple[int, int, int, int]]] = {}
         self._lock = threading.RLock()
-        self._compiled = None
+        self._compiled: CompiledBackbone | None = None
         if compile:
-            from stadapter.runtime.compiled import CompiledBackbone
-
-            from stadapter.runtime.compiled import BACKENDS
+            from stadapter.runtime.compiled import BACKENDS, CompiledBackbone
 
             if self.device.type != "cuda" and compile not in BACKENDS:
                 raise InputError(f"torch.compile mode {compile!r} needs CUDA; on the CPU use one of {BACKENDS}")
@@ -140,15 +109,15 @@ class Engine:
 
     # -- construction ------------------------------------------------------------------------------------
     @classmethod
-    def open(cls, registry: Any, backbone: str | None = None, weights: str | None = None,
-             tasks: Sequence[str] = (), device: str | None = "auto", **kwargs: Any) -> "Engine":
+    def open(cls, registry: Registry, backbone: str | None = None, weights: str | None = None,
+             tasks: Sequence[str] = (), device: str | None = "auto", **kwargs: Any) -> Engine:
         """Load the backbone (by default the one the first task's bundle was trained on) and build an engine.
         ``tasks`` are resolved at once, so an unknown task or a bundle of another backbone fails here."""
         from stadapter.model.loading import load_backbone
 
         if backbone is None:
             if not tasks:
-                from stadapter.cli.common import DEFAULT_BACKBONE
+                from stadapter.config import DEFAULT_BACKBONE
 
                 backbone = DEFAULT_BACKBONE
             else:
@@ -191,17 +160,10 @@ class Engine:
             self._resolved[ref] = _Resolved(handle, expires)
             return handle
 
-    def _make_handle(self, ref: str, info: Any) -> TaskHandle:
-        config = info.config or {}
-        try:
-            adapter = AdapterConfig.from_dict(config["adapter"])
-            spec = TaskSpec.from_dict(config["spec"])
-        except KeyError as e:
-            raise BundleError(f"{info.ref}: config.json has no {e.args[0]!r} section") from e
-        if len(info.labels) != adapter.num_classes:
-            raise BundleError(f"{info.ref}: {len(info.labels)} labels for a head of {adapter.num_classes} classes")
-        expected = VideoViT(self.backbone, adapter, spec.num_frames).expected_shapes()
-        return TaskHandle(ref, info, adapter, spec, tuple(info.labels), expected)
+    def _make_handle(self, ref: str, info: VersionInfo) -> TaskHandle:
+        parsed = parse_config(info.config, info.labels, info.ref)  # the checks registration made
+        expected = VideoViT(self.backbone, parsed.adapter, parsed.spec.num_frames).expected_shapes()
+        return TaskHandle(ref, info, parsed.adapter, parsed.spec, parsed.labels, expected)
 
     def _source(self, handle: TaskHandle) -> SetSource:
         def check(tensors: Mapping[str, Tensor]) -> None:
@@ -218,7 +180,7 @@ class Engine:
         cached = self._paths.get(handle.key)
         if cached is not None and _stat(cached[0]) == cached[1]:
             return cached[0]
-        path = Path(self.registry.materialize(handle.info)) / TENSORS_FILE
+        path = Path(self.registry.materialize(handle.info)) / TENSORS
         self._paths[handle.key] = (path, _stat(path))
         return path
 
@@ -255,12 +217,20 @@ class Engine:
             if h.key not in sets:
                 sets[h.key] = self.acquire(h)
         H, W = self.backbone.image_size
-        for i, (c, h) in enumerate(zip(clips, handles)):
+        for i, (c, h) in enumerate(zip(clips, handles, strict=True)):
             if c.dim() != 4 or tuple(c.shape[1:]) != (3, H, W) or c.shape[0] != h.num_frames:
                 raise InputError(f"clip {i} has shape {tuple(c.shape)}; task {h.name} expects "
                                  f"({h.num_frames}, 3, {H}, {W})")
-        # Group: frame count, then tasks with backbone overrides alone (and, compiled, by bank layout); the
-        # clips of one task contiguous.
+        logits: dict[int, Tensor] = {}
+        for group in self._groups(handles, sets):
+            rows = self._run_group([clips[i] for i in group], [handles[i] for i in group], sets)
+            logits.update(zip(group, rows, strict=True))
+        self.batches += 1
+        return [logits[i] for i in range(n)]
+
+    def _groups(self, handles: Sequence[TaskHandle], sets: Mapping[int, ResidentSet]) -> list[list[int]]:
+        """The batch's clip indices, one list per backbone pass: grouped by frame count, then tasks with
+        backbone overrides alone (and, compiled, by bank layout); the clips of one task contiguous."""
         layouts: dict[int, str] = {}
         if self._compiled is not None:
             from stadapter.runtime.compiled import layout_of
@@ -271,98 +241,41 @@ class Engine:
             h = handles[i]
             return (h.num_frames, h.key if sets[h.key].overrides else -1, layouts.get(h.key, ""))
 
-        order = sorted(range(n), key=lambda i: (group_key(i), handles[i].key, i))
-        out: list[Tensor | None] = [None] * n
-        start = 0
-        while start < n:
-            gk = group_key(order[start])
-            end = start
-            while end < n and group_key(order[end]) == gk:
-                end += 1
-            idx = order[start:end]
-            logits = self._run_group([clips[i] for i in idx], [handles[i] for i in idx], sets)
-            for row, i in enumerate(idx):
-                out[i] = logits[row]
-            start = end
-        self.batches += 1
-        return out  # type: ignore[return-value]
+        order = sorted(range(len(handles)), key=lambda i: (group_key(i), handles[i].key, i))
+        return [list(group) for _, group in itertools.groupby(order, key=group_key)]
 
-    def _run_group(self, clips: list[Tensor], handles: list[TaskHandle], sets: dict[int, ResidentSet]) -> list[Tensor]:
+    def _run_group(self, clips: list[Tensor], handles: list[TaskHandle],
+                   sets: Mapping[int, ResidentSet]) -> list[Tensor]:
+        """One backbone pass over clips of one frame count (each task's clips contiguous) -> each clip's
+        logits (C_i,), float32 on the CPU."""
         T = handles[0].num_frames
-        bb = self.backbone
         x = torch.stack(clips)  # (N, T, 3, H, W)
         N = x.shape[0]
         images = x.reshape(N * T, *x.shape[2:]).to(self.device, self.dtype, non_blocking=True)
-        # segments: (first clip, end clip, set, handle), one per run of equal task
-        segments: list[tuple[int, int, ResidentSet, TaskHandle]] = []
-        for i, h in enumerate(handles):
-            if segments and segments[-1][3].key == h.key:
-                a, _, rs, hh = segments[-1]
-                segments[-1] = (a, i + 1, rs, hh)
-            else:
-                segments.append((i, i + 1, sets[h.key], h))
-        for _, _, rs, _ in segments:
-            if rs.key != self._last_key:
+        segments = segments_of(handles, sets)
+        for seg in segments:
+            if seg.resident.key != self._last_key:
                 self.swaps += 1
-                self._last_key = rs.key
-        overrides = segments[0][2].overrides  # non-empty only for a group of one such task
-        if self._compiled is not None and not overrides and self._compiled.supports(segments):
-            tokens = self._compiled.run(images, T, segments)
-        else:
-            ctx = swapped_parameters(bb, overrides) if overrides else contextlib.nullcontext()
-            with ctx:
-                tokens = bb(images, self._hook(T, segments))  # (N*T, P + HW, C)
+                self._last_key = seg.resident.key
+        tokens = self._tokens(images, T, segments)  # (N*T, P + HW, C)
         tokens = tokens.reshape(N, T, *tokens.shape[1:])  # (N, T, L, C)
         out: list[Tensor] = []
-        for a, b, rs, h in segments:
-            tok = tokens[a:b]
-            if h.adapter.pool == "cls":
-                pooled = tok[:, :, 0].mean(dim=1)  # (n, C)
-            else:
-                pooled = tok[:, :, bb.num_prefix:].mean(dim=(1, 2))
-            ctx = swapped_parameters(bb, rs.overrides) if rs.overrides else contextlib.nullcontext()
-            with ctx:
-                feats = bb.final_norm(pooled).float()
-            logits = F.linear(feats, rs.tensors["head.weight"].float(), rs.tensors["head.bias"].float())
-            out.extend(logits.cpu().unbind(0))
+        for seg in segments:
+            rs = seg.resident
+            feats = clip_features(self.backbone, tokens[seg.start:seg.stop], seg.handle.adapter.pool, rs.overrides)
+            out.extend(head_logits(feats, rs.tensors).cpu().unbind(0))
         return out
 
-    def _hook(self, T: int, segments: list[tuple[int, int, ResidentSet, TaskHandle]]):
-        """The adapter hook for one backbone pass: each task's adapters on its own rows of the batch."""
+    def _tokens(self, images: Tensor, T: int, segments: list[Segment]) -> Tensor:
+        """Tokens after the last block (N*T, P + HW, C): through the compiled bank where it covers the
+        segments, else eagerly, each task's adapters on its own rows."""
         bb = self.backbone
-        grid, prefix = bb.grid, bb.num_prefix
-        rows = [(a * T, b * T, rs.slots, h.adapter.activation) for a, b, rs, h in segments]
-        if not any(slots for _, _, slots, _ in rows):
-            return None
-
-        if len(rows) == 1:
-            slots, act = rows[0][2], rows[0][3]
-
-            def single(i: int, pos: str, x: Tensor) -> Tensor:
-                w = slots.get((i, pos))
-                if w is None:
-                    return x
-                if fast_path(w):
-                    return x + adapter_delta(x, w, T, prefix, act)
-                return st_adapter(x, w, T, grid, prefix, act)
-
-            return single
-
-        def mixed(i: int, pos: str, x: Tensor) -> Tensor:  # x: (N*T, L, C), each task's rows contiguous
-            y = None
-            for a, b, slots, act in rows:
-                w = slots.get((i, pos))
-                if w is None:
-                    continue
-                if y is None:
-                    y = x.clone()
-                if fast_path(w):
-                    y[a:b] += adapter_delta(x[a:b], w, T, prefix, act)
-                else:
-                    y[a:b] = st_adapter(x[a:b], w, T, grid, prefix, act)
-            return x if y is None else y
-
-        return mixed
+        overrides = segments[0].resident.overrides  # non-empty only for a group of one such task
+        if self._compiled is not None and not overrides and self._compiled.supports(segments):
+            return self._compiled.run(images, T, segments)
+        ctx = swapped_parameters(bb, overrides) if overrides else contextlib.nullcontext()
+        with ctx:
+            return bb(images, segment_hook(segments, T, bb.grid, bb.num_prefix))
 
     def predict(self, requests: Sequence[tuple[Tensor, TaskHandle]]) -> list[Tensor]:
         """[(views (V, T, 3, H, W), task)] -> per request the class probabilities (C,): the softmax of each
@@ -391,12 +304,6 @@ class Engine:
                           self.backbone.std)
 
 
-def top_k(probs: Tensor, labels: Sequence[str], k: int) -> list[tuple[str, float]]:
-    k = max(1, min(k, probs.numel()))
-    values, indices = probs.topk(k)
-    return [(labels[int(i)], float(v)) for v, i in zip(values, indices)]
-
-
 def _stat(path: Path) -> tuple[int, int, int, int]:
     try:
         st = path.stat()
@@ -405,4 +312,4 @@ def _stat(path: Path) -> tuple[int, int, int, int]:
     return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-__all__ = ["Engine", "TaskHandle", "top_k", "pick_device", "device_name"]
+__all__ = ["Engine", "TaskHandle", "pick_device", "device_name"]

@@ -34,7 +34,7 @@ def clip_views(path: str | Path, specs: Sequence[TaskSpec], size: int, mean: Seq
     length = probe(path).num_frames
     union, positions = frame_plan(length, specs)
     frames = decode_frames(path, union)  # (U, H, W, 3) uint8
-    return [test_views(frames[pos], spec, size, mean, std) for pos, spec in zip(positions, specs)]
+    return [test_views(frames[pos], spec, size, mean, std) for pos, spec in zip(positions, specs, strict=True)]
 
 
 __all__ = ["frame_plan", "clip_views"]

@@ -12,9 +12,9 @@ Loading from the store reads the safetensors file once: its header is parsed her
 into one buffer. On the CPU that buffer is a copy-on-write memory map of the (read-only, content-addressed)
 store file with its pages mapped up front, so a resident set costs exactly its tensor bytes, loading copies
 nothing, and several processes serving the same set share one copy in the page cache; ``mmap=False`` reads
-into private memory instead. On CUDA the file goes through a pinned host buffer (kept as the set's host-tier copy) and one
-host-to-device copy on a side stream; adapter tensors are then cast once to the compute dtype (the head stays
-float32, as the engine applies it to float32 features).
+into private memory instead. On CUDA the file goes through a pinned host buffer (kept as the set's host-tier
+copy) and one host-to-device copy on a side stream; adapter tensors are then cast once to the compute dtype
+(the head stays float32, as the engine applies it to float32 features).
 
 Thread safety: ``get`` and ``prefetch`` may be called from any thread. A set being loaded is loaded once; other
 callers wait for it. Evicting a set only drops the pool's reference: a batch still holding it keeps it alive.
@@ -22,10 +22,9 @@ callers wait for it. Evicting a set only drops the pool's reference: a batch sti
 
 from __future__ import annotations
 
-import json
+import contextlib
 import mmap
 import os
-import struct
 import threading
 import time
 from collections import OrderedDict
@@ -37,6 +36,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from stadapter.bundle import read_safetensors_header
 from stadapter.errors import BundleError
 from stadapter.model.video_vit import split_adapter_set
 
@@ -61,32 +61,16 @@ class TensorEntry:
 
 
 def read_header(path: Path) -> tuple[int, dict[str, TensorEntry]]:
-    """(byte offset of the data region, {name: entry}) of a safetensors file."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) != 8:
-                raise BundleError(f"{path}: not a safetensors file (too short)")
-            (n,) = struct.unpack("<Q", raw)
-            if n > 100 << 20:
-                raise BundleError(f"{path}: safetensors header of {n} bytes is implausible")
-            header = json.loads(f.read(n))
-    except OSError as e:
-        raise BundleError(f"{path}: cannot read ({e.strerror or e})") from e
-    except ValueError as e:
-        raise BundleError(f"{path}: bad safetensors header ({e})") from e
+    """(byte offset of the data region, {name: entry}) of a safetensors file, read by the bundle format's one
+    header reader (which checks every entry against the file's size)."""
+    header = read_safetensors_header(path)
     entries = {}
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = SAFETENSORS_DTYPES[meta["dtype"]]
-            begin, end = (int(x) for x in meta["data_offsets"])
-            shape = tuple(int(s) for s in meta["shape"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise BundleError(f"{path}: unsupported or malformed entry {name!r} in the header") from e
-        entries[name] = TensorEntry(dtype, shape, begin, end)
-    return 8 + n, entries
+    for name, e in header.entries.items():
+        dtype = SAFETENSORS_DTYPES.get(e.dtype)
+        if dtype is None:
+            raise BundleError(f"{path}: tensor {name!r} has dtype {e.dtype}, which the adapter pool does not load")
+        entries[name] = TensorEntry(dtype, e.shape, e.begin, e.end)
+    return header.data_offset, entries
 
 
 def tensor_views(buffer: Tensor, entries: Mapping[str, TensorEntry]) -> dict[str, Tensor]:
@@ -114,10 +98,9 @@ def map_file(path: Path, offset: int) -> Tensor:
         mm = mmap.mmap(fd, 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     finally:
         os.close(fd)
-    try:
-        mm.madvise(MADV_POPULATE_READ)  # map the (page-cached) pages now rather than on first touch
-    except (OSError, ValueError):
-        pass  # kernels before 5.14: pages map on first touch
+    # Map the (page-cached) pages now rather than on first touch; kernels before 5.14 map them on first touch.
+    with contextlib.suppress(OSError, ValueError):
+        mm.madvise(MADV_POPULATE_READ)
     return torch.frombuffer(mm, dtype=torch.uint8, offset=offset)  # keeps ``mm`` alive
 
 
@@ -127,7 +110,7 @@ def read_file(path: Path, offset: int, pin: bool = False) -> Tensor:
     buf = torch.empty(max(size, 0), dtype=torch.uint8, pin_memory=pin)
     with open(path, "rb", buffering=0) as f:
         f.seek(offset)
-        view = memoryview(buf.numpy())
+        view = memoryview(buf.numpy())  # type: ignore[arg-type]  # numpy's stubs lack the buffer protocol
         got = 0
         while got < size:
             n = f.readinto(view[got:])
@@ -244,9 +227,9 @@ class AdapterPool:
                 fut: Future = Future()
                 fut.set_result(self._device[source.key])
                 return fut
-            fut = self._inflight.get(source.key)
-            if fut is not None:
-                return fut
+            under_way = self._inflight.get(source.key)
+            if under_way is not None:
+                return under_way
             fut = self._start(source)
             self.stats.prefetches += 1
         self._executor.submit(self._load, source, fut)
@@ -376,7 +359,9 @@ class AdapterPool:
             n = len(self._device)
             if self.max_sets is not None and n > self.max_sets:
                 return True
-            return self.max_bytes is not None and n > 1 and sum(r.nbytes for r in self._device.values()) > self.max_bytes
+            if self.max_bytes is None or n <= 1:
+                return False
+            return sum(r.nbytes for r in self._device.values()) > self.max_bytes
 
         while over():
             key = next(k for k in self._device if k != keep)

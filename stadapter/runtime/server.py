@@ -1,4 +1,5 @@
-"""The HTTP API: FastAPI in front of one engine, with dynamic batching in one worker thread that owns the model.
+"""The HTTP API: FastAPI in front of one engine, with dynamic batching (:mod:`stadapter.runtime.batcher`) in one
+worker thread that owns the model.
 
     POST /v1/predict   a clip (multipart upload, field ``clip``) or a JSON ``{"path": ...}`` under an allowed
                        root, with one or more tasks -> each task's top-k labels
@@ -9,10 +10,10 @@
 
 A request is resolved (aliases re-resolved after ``alias_ttl`` seconds, so registry alias changes are picked up
 without a restart), its tasks' adapter sets are prefetched into the pool, and the clip is decoded once (in the
-request's thread, so decoding overlaps the model) into each task's test views. The job then enters a bounded
-queue (full: 429). The worker takes jobs until the batch holds ``max_batch`` clip views or ``max_wait_ms``
-passed since the first, runs one mixed-task forward, and answers each job. On shutdown new requests get 503
-while queued and in-flight jobs are finished.
+request's thread, so decoding overlaps the model) into each task's test views. The job then enters the batcher's
+bounded queue (full: 429) and is answered by a batched forward. A request not answered within
+``request_timeout_s`` of its arrival gets 504 (a job still queued is then skipped). On shutdown new requests get
+503 while queued and in-flight jobs are finished.
 """
 
 from __future__ import annotations
@@ -20,27 +21,39 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import queue
 import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
-from concurrent.futures import Future
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import IO, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from starlette.concurrency import run_in_threadpool
+from torch import Tensor
 
 from stadapter import __version__
-from stadapter.errors import (AdapterSetError, BackboneError, BundleError, DecodeError, InputError, RegistryError,
-                              StadapterError)
-from stadapter.runtime.engine import Engine, TaskHandle, top_k
+from stadapter.errors import (
+    BackboneError,
+    ConfigError,
+    DecodeError,
+    InputError,
+    RegistryError,
+    RegistryUnavailable,
+    StadapterError,
+)
+from stadapter.registry import TaskInfo
+from stadapter.runtime.batcher import Batcher, Job, NotReady, QueueFull
+from stadapter.runtime.engine import Engine
+from stadapter.runtime.predict import task_results
+from stadapter.runtime.types import TaskHandle
 
 log = logging.getLogger("stadapter.server")
 
@@ -56,10 +69,13 @@ class ServerConfig:
     default_top_k: int = 5
     preload: Sequence[str] = ()  # tasks to make resident at start
     retry_after_s: int = 1
+    request_timeout_s: float = 120.0  # from a request's arrival to its answer; beyond it: 504
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.queue_size < 1 or self.max_wait_ms < 0:
             raise InputError("max_batch and queue_size must be >= 1 and max_wait_ms >= 0")
+        if not self.request_timeout_s > 0:
+            raise InputError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
         roots = []
         for r in self.allowed_roots:
             p = Path(os.path.realpath(Path(r).expanduser()))
@@ -75,27 +91,48 @@ class HTTPProblem(Exception):
         self.status, self.detail, self.headers = status, detail, headers or {}
 
 
+# The status of each error a request can end in, first match wins; any other exception is a bug: 500.
+STATUS_OF_ERROR: tuple[tuple[type[BaseException], int], ...] = (
+    (NotReady, 503),
+    (RegistryUnavailable, 503),  # a database outage, before RegistryError (an unknown task)
+    (RegistryError, 404),
+    (BackboneError, 409),
+    (DecodeError, 422),
+    (InputError, 400),
+    (ConfigError, 400),
+)
+INTERNAL_ERROR = "internal error; see the server log"
+
+
 def status_of(e: BaseException) -> int:
     if isinstance(e, HTTPProblem):
         return e.status
-    if isinstance(e, NotReady):
-        return 503
-    if isinstance(e, DecodeError):
-        return 422
-    if isinstance(e, RegistryError):
-        return 404
-    if isinstance(e, BackboneError):
-        return 409
-    if isinstance(e, (InputError, ValueError)):
-        return 400
-    if isinstance(e, (AdapterSetError, BundleError)):
-        return 500
-    return 500
+    return next((status for kind, status in STATUS_OF_ERROR if isinstance(e, kind)), 500)
+
+
+def problem_of(e: BaseException, retry_after_s: int) -> tuple[int, dict[str, str], dict[str, str]]:
+    """(status, JSON body, headers) answering the error ``e``. Errors that are not StadapterErrors (bugs, like a
+    bare ValueError from the forward) get 500 with a generic detail and are logged with their traceback; our own
+    errors (BundleError, AdapterSetError, ...) keep their one-line message."""
+    status = status_of(e)
+    headers = dict(e.headers) if isinstance(e, HTTPProblem) else {}
+    if status == 503:
+        headers.setdefault("Retry-After", str(retry_after_s))
+    if isinstance(e, HTTPProblem):
+        detail = e.detail
+    elif isinstance(e, (StadapterError, NotReady)):
+        detail = str(e)
+    else:
+        log.error("internal error answering a request", exc_info=e)
+        detail = INTERNAL_ERROR
+    return status, {"detail": detail}, headers
 
 
 # -- metrics ------------------------------------------------------------------------------------------------
 
 class Metrics:
+    """The server's Prometheus metrics; also the batcher's observer."""
+
     def __init__(self, engine: Engine) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
@@ -121,6 +158,19 @@ class Metrics:
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
+    # the batcher's observer (stadapter.runtime.batcher.BatchObserver)
+    def queued(self, depth: int) -> None:
+        self.queue_depth.set(depth)
+
+    def waited(self, seconds: float) -> None:
+        self.queue_wait.observe(seconds)
+
+    def ran(self, seconds: float, clips: int, jobs: int, tasks: int) -> None:
+        self.forward.observe(seconds)
+        self.batch_clips.observe(clips)
+        self.batch_jobs.observe(jobs)
+        self.batch_tasks.observe(tasks)
+
 
 class _EngineCollector:
     """Pool and engine counters, read at scrape time."""
@@ -128,10 +178,10 @@ class _EngineCollector:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def describe(self):  # noqa: D401 - prometheus_client protocol; empty: no registration-time collect()
+    def describe(self) -> list[Metric]:  # prometheus_client protocol; empty: no registration-time collect()
         return []
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         e, s = self.engine, self.engine.pool.stats
         hits = CounterMetricFamily("stadapter_pool_hits", "Adapter-set requests served without a store read, "
                                    "by tier (device: resident; host: promoted from pinned memory).", labels=["tier"])
@@ -154,143 +204,7 @@ class _EngineCollector:
         yield CounterMetricFamily("stadapter_batches", "Batched forwards run.", value=e.batches)
 
 
-# -- the worker ------------------------------------------------------------------------------------------------
-
-@dataclass(eq=False)
-class Job:
-    units: list[tuple[Any, TaskHandle]]  # (views (V, T, 3, H, W), task)
-    future: Future = field(default_factory=Future)
-    enqueued: float = field(default_factory=time.perf_counter)
-
-    @property
-    def size(self) -> int:
-        return sum(int(v.shape[0]) for v, _ in self.units)
-
-
-class QueueFull(Exception):
-    pass
-
-
-class NotReady(Exception):
-    pass
-
-
-class Batcher:
-    """Dynamic batching in one thread that owns the model."""
-
-    def __init__(self, engine: Engine, config: ServerConfig, metrics: Metrics) -> None:
-        self.engine, self.config, self.metrics = engine, config, metrics
-        self.queue: queue.Queue[Job] = queue.Queue(maxsize=config.queue_size)
-        self._stop = threading.Event()
-        self._accepting = False
-        self._thread = threading.Thread(target=self._run, name="stadapter-batcher", daemon=True)
-        self._carry: Job | None = None
-
-    @property
-    def ready(self) -> bool:
-        return self._accepting and self._thread.is_alive()
-
-    def start(self) -> None:
-        self._accepting = True
-        self._thread.start()
-
-    def submit(self, job: Job) -> Future:
-        if not self.ready:
-            raise NotReady("the server is not accepting work (starting or shutting down)")
-        try:
-            self.queue.put_nowait(job)
-        except queue.Full:
-            raise QueueFull(f"the queue is full ({self.config.queue_size} requests waiting); retry later") from None
-        self.metrics.queue_depth.set(self.queue.qsize())
-        return job.future
-
-    def stop(self, timeout: float | None = 60.0) -> None:
-        """Refuse new work, finish every queued job, then end the thread."""
-        self._accepting = False
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-        while True:  # a job that slipped in as the worker ended
-            try:
-                job = self.queue.get_nowait()
-            except queue.Empty:
-                break
-            job.future.set_exception(NotReady("the server shut down before this request ran"))
-
-    def _next(self, timeout: float) -> Job | None:
-        if self._carry is not None:
-            job, self._carry = self._carry, None
-            return job
-        try:
-            return self.queue.get(timeout=timeout)
-        except queue.Empty:
-            return None
-
-    def _run(self) -> None:
-        cfg = self.config
-        while True:
-            first = self._next(0.05)
-            if first is None:
-                if self._stop.is_set() and self.queue.empty():
-                    return
-                continue
-            batch, size = [first], first.size
-            deadline = time.perf_counter() + cfg.max_wait_ms / 1000
-            while size < cfg.max_batch:
-                left = deadline - time.perf_counter()
-                if left <= 0 and self.queue.empty():
-                    break
-                job = self._next(max(left, 0))
-                if job is None:
-                    break
-                if size + job.size > cfg.max_batch:
-                    self._carry = job
-                    break
-                batch.append(job)
-                size += job.size
-            self.metrics.queue_depth.set(self.queue.qsize())
-            self._process(batch)
-
-    def _process(self, batch: list[Job]) -> None:
-        now = time.perf_counter()
-        for job in batch:
-            self.metrics.queue_wait.observe(now - job.enqueued)
-        units = [u for job in batch for u in job.units]
-        try:
-            probs = self._forward(units, batch)
-        except Exception:  # noqa: BLE001 - isolate the failing job(s), answer the others
-            if len(batch) == 1:
-                return self._fail(batch[0])
-            for job in batch:
-                self._process([job])
-            return
-        k = 0
-        for job in batch:
-            n = len(job.units)
-            if not job.future.done():
-                job.future.set_result(probs[k:k + n])
-            k += n
-
-    def _forward(self, units: list, batch: list[Job]) -> list:
-        t0 = time.perf_counter()
-        probs = self.engine.predict(units)
-        self.metrics.forward.observe(time.perf_counter() - t0)
-        self.metrics.batch_clips.observe(sum(int(v.shape[0]) for v, _ in units))
-        self.metrics.batch_jobs.observe(len(batch))
-        self.metrics.batch_tasks.observe(len({h.key for _, h in units}))
-        return probs
-
-    def _fail(self, job: Job) -> None:
-        try:
-            self._forward(job.units, [job])
-        except Exception as e:  # noqa: BLE001 - handed to the request
-            if not isinstance(e, StadapterError):
-                log.exception("forward failed")
-            if not job.future.done():
-                job.future.set_exception(e)
-
-
-# -- the app ----------------------------------------------------------------------------------------------
+# -- request parsing ---------------------------------------------------------------------------------------
 
 PREDICT_DOC = """Classify one clip with one or more tasks.
 
@@ -301,7 +215,8 @@ one of the server's allowed roots (after resolving symlinks and `..`).
 
 Errors: 400 bad request, 403 path outside the allowed roots, 404 unknown task or missing file, 409 a bundle
 trained on another backbone, 413 upload too large, 422 a clip that cannot be decoded, 429 queue full,
-503 not ready or shutting down."""
+500 a broken bundle or an internal error (logged by the server), 503 not ready, shutting down or the registry
+database unavailable (with Retry-After), 504 no answer within the server's request timeout."""
 
 PREDICT_OPENAPI = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["clip", "tasks"], "properties": {
@@ -358,146 +273,64 @@ def parse_top_k(value: Any, default: int) -> int:
     return k
 
 
-def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
-    """The FastAPI app serving ``engine``. Its lifespan starts the worker and, on shutdown, finishes the
-    queued and in-flight jobs before closing the engine."""
-    config = config or ServerConfig()
-    metrics = Metrics(engine)
-    batcher = Batcher(engine, config, metrics)
-    state = {"shutting_down": False}
+@dataclass
+class ClipRequest:
+    """A parsed predict request."""
 
-    async def lifespan(app: FastAPI):
-        batcher.start()
-        for ref in config.preload:
-            try:
-                engine.prefetch(ref)
-            except StadapterError as e:
-                log.warning("cannot preload %s: %s", ref, e)
-        yield
-        state["shutting_down"] = True
-        await run_in_threadpool(batcher.stop)
-        engine.close()
+    path: Path  # the clip on disk: under an allowed root, or an upload saved in ``upload_dir``
+    shown: str  # the clip as the answer names it (the path sent, or the upload's file name)
+    refs: list[str]  # task references
+    top_k: int
+    upload_dir: Path | None = None  # a temporary directory to remove once the request is answered
 
-    app = FastAPI(title="stadapter", version=__version__, lifespan=lifespan,
-                  description="One frozen video backbone serving many tasks through hot-swapped ST-Adapter sets.")
-    app.state.engine, app.state.batcher, app.state.metrics, app.state.config = engine, batcher, metrics, config
 
-    def answer(endpoint: str, t0: float, status: int, body: Any, headers: dict[str, str] | None = None):
-        metrics.requests.labels(endpoint, str(status)).inc()
-        metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
-        return JSONResponse(body, status_code=status, headers=headers)
+async def read_clip_request(request: Request, config: ServerConfig) -> ClipRequest:
+    """The clip and tasks of a multipart or JSON predict request (HTTPProblem for anything else)."""
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith("multipart/form-data"):
+        return await _read_multipart(request, config)
+    if ctype.startswith("application/json"):
+        return await _read_json(request, config)
+    raise HTTPProblem(415, "send multipart/form-data (field 'clip') or application/json ('path')")
 
-    def problem(endpoint: str, t0: float, e: BaseException):
-        status = status_of(e)
-        headers = getattr(e, "headers", None)
-        if status == 500 and not isinstance(e, StadapterError):
-            log.exception("internal error", exc_info=e)
-        return answer(endpoint, t0, status, {"detail": getattr(e, "detail", None) or str(e)}, headers)
 
-    @app.get("/healthz", summary="Liveness: the process answers")
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/readyz", summary="Readiness: the worker runs and accepts work")
-    def readyz():
-        if batcher.ready and not state["shutting_down"]:
-            return {"status": "ready", **engine.describe()}
-        return JSONResponse({"status": "shutting down" if state["shutting_down"] else "not ready"}, status_code=503)
-
-    @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
-    def prometheus() -> PlainTextResponse:
-        return PlainTextResponse(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/v1/tasks", summary="Registered tasks and whether they fit the running backbone")
-    def tasks() -> dict[str, Any]:
-        out = []
-        for t in engine.registry.list_tasks():
-            item: dict[str, Any] = {"task": t.name, "versions": t.versions, "latest": t.latest,
-                                    "aliases": t.aliases}
-            try:
-                h = engine.resolve(t.name)
-                item.update(servable=True, version=h.name, num_classes=h.num_classes, num_frames=h.num_frames,
-                            views=h.spec.temporal_views * h.spec.spatial_views, resident=engine.pool.where(h.key))
-            except StadapterError as e:
-                item.update(servable=False, reason=str(e))
-            out.append(item)
-        return {"backbone": engine.describe()["backbone"], "tasks": out}
-
-    @app.post("/v1/predict", summary="Classify a clip with one or more tasks", description=PREDICT_DOC,
-              openapi_extra=PREDICT_OPENAPI)
-    async def predict(request: Request):
-        t0 = time.perf_counter()
-        endpoint = "/v1/predict"
-        tmpdir = None
+async def _read_multipart(request: Request, config: ServerConfig) -> ClipRequest:
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > config.max_upload_bytes:
+        raise HTTPProblem(413, f"upload larger than {config.max_upload_bytes} bytes")
+    form = await request.form(max_files=1, max_fields=16)
+    try:
+        upload = form.get("clip")
+        if upload is None or isinstance(upload, str):
+            raise HTTPProblem(400, "multipart requests need the clip file in field 'clip'")
+        refs = parse_tasks(form.getlist("tasks") or "", config.max_tasks)
+        k = parse_top_k(form.get("top_k"), config.default_top_k)
+        upload_dir = Path(tempfile.mkdtemp(prefix="stadapter-upload-"))
+        path = upload_dir / (Path(upload.filename or "clip").name or "clip")
         try:
-            if state["shutting_down"] or not batcher.ready:
-                metrics.rejected.labels("not_ready").inc()
-                raise HTTPProblem(503, "the server is not ready or is shutting down",
-                                  {"Retry-After": str(config.retry_after_s)})
-            ctype = request.headers.get("content-type", "")
-            if ctype.startswith("multipart/form-data"):
-                length = request.headers.get("content-length")
-                if length and length.isdigit() and int(length) > config.max_upload_bytes:
-                    raise HTTPProblem(413, f"upload larger than {config.max_upload_bytes} bytes")
-                form = await request.form(max_files=1, max_fields=16)
-                upload = form.get("clip")
-                if upload is None or isinstance(upload, str):
-                    raise HTTPProblem(400, "multipart requests need the clip file in field 'clip'")
-                try:
-                    refs = parse_tasks(form.getlist("tasks") or "", config.max_tasks)
-                    k = parse_top_k(form.get("top_k"), config.default_top_k)
-                    tmpdir = tempfile.mkdtemp(prefix="stadapter-upload-")
-                    name = Path(upload.filename or "clip").name or "clip"
-                    path = Path(tmpdir) / name
-                    await run_in_threadpool(_save_upload, upload.file, path, config.max_upload_bytes)
-                    shown = upload.filename or "upload"
-                finally:
-                    await form.close()
-            elif ctype.startswith("application/json"):
-                try:
-                    body = await request.json()
-                except ValueError:
-                    raise HTTPProblem(400, "the body is not valid JSON") from None
-                if not isinstance(body, dict):
-                    raise HTTPProblem(400, "the JSON body must be an object with 'path' and 'tasks'")
-                refs = parse_tasks(body.get("tasks", ""), config.max_tasks)
-                k = parse_top_k(body.get("top_k"), config.default_top_k)
-                path = check_path(body.get("path"), config.allowed_roots)  # type: ignore[arg-type]
-                shown = body["path"]
-            else:
-                raise HTTPProblem(415, "send multipart/form-data (field 'clip') or application/json ('path')")
-
-            def prepare() -> tuple[list[TaskHandle], list]:
-                handles = [engine.resolve(r) for r in refs]
-                for h in handles:
-                    engine.prefetch(h)  # the set loads while the clip decodes
-                return handles, engine.clip_views(path, handles)
-
-            handles, views = await run_in_threadpool(prepare)
-            try:
-                future = batcher.submit(Job(list(zip(views, handles))))
-            except QueueFull as e:
-                metrics.rejected.labels("queue_full").inc()
-                raise HTTPProblem(429, str(e), {"Retry-After": str(config.retry_after_s)}) from None
-            except NotReady as e:
-                metrics.rejected.labels("not_ready").inc()
-                raise HTTPProblem(503, str(e), {"Retry-After": str(config.retry_after_s)}) from None
-            probs = await asyncio.wrap_future(future)
-            results = [{"task": h.ref, "version": h.name, "views": int(v.shape[0]),
-                        "top": [{"label": lab, "prob": p} for lab, p in top_k(pr, h.labels, k)]}
-                       for h, v, pr in zip(handles, views, probs)]
-            return answer(endpoint, t0, 200, {"clip": shown, "tasks": results,
-                                              "latency_ms": round((time.perf_counter() - t0) * 1000, 3)})
-        except Exception as e:  # noqa: BLE001 - every failure becomes a JSON problem with the right status
-            return problem(endpoint, t0, e)
-        finally:
-            if tmpdir is not None:
-                shutil.rmtree(tmpdir, ignore_errors=True)
-
-    return app
+            await run_in_threadpool(_save_upload, upload.file, path, config.max_upload_bytes)
+        except BaseException:
+            shutil.rmtree(upload_dir, ignore_errors=True)
+            raise
+        return ClipRequest(path, upload.filename or "upload", refs, k, upload_dir)
+    finally:
+        await form.close()
 
 
-def _save_upload(src, dest: Path, limit: int) -> None:
+async def _read_json(request: Request, config: ServerConfig) -> ClipRequest:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise HTTPProblem(400, "the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise HTTPProblem(400, "the JSON body must be an object with 'path' and 'tasks'")
+    refs = parse_tasks(body.get("tasks", ""), config.max_tasks)
+    k = parse_top_k(body.get("top_k"), config.default_top_k)
+    path = check_path(body.get("path"), config.allowed_roots)  # type: ignore[arg-type]
+    return ClipRequest(path, body["path"], refs, k)
+
+
+def _save_upload(src: IO[bytes], dest: Path, limit: int) -> None:
     total = 0
     with open(dest, "wb") as out:
         while chunk := src.read(1 << 20):
@@ -509,14 +342,155 @@ def _save_upload(src, dest: Path, limit: int) -> None:
         raise DecodeError("the uploaded clip is empty (0 bytes)")
 
 
+# -- the app -----------------------------------------------------------------------------------------------
+
+PREDICT = "/v1/predict"
+
+
+class Api:
+    """The endpoints over one engine and its batcher."""
+
+    def __init__(self, engine: Engine, config: ServerConfig) -> None:
+        self.engine, self.config = engine, config
+        self.metrics = Metrics(engine)
+        self.batcher = Batcher(engine, max_batch=config.max_batch, max_wait_ms=config.max_wait_ms,
+                               queue_size=config.queue_size, observer=self.metrics)
+        self.shutting_down = False
+
+    @asynccontextmanager
+    async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        """Start the worker and preload tasks; on shutdown finish the queued and in-flight jobs, then close the
+        engine."""
+        self.batcher.start()
+        for ref in self.config.preload:
+            try:
+                self.engine.prefetch(ref)
+            except StadapterError as e:
+                log.warning("cannot preload %s: %s", ref, e)
+        yield
+        self.shutting_down = True
+        await run_in_threadpool(self.batcher.stop)
+        self.engine.close()
+
+    def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    def readyz(self) -> dict[str, Any] | JSONResponse:
+        if self.batcher.ready and not self.shutting_down:
+            return {"status": "ready", **self.engine.describe()}
+        return JSONResponse({"status": "shutting down" if self.shutting_down else "not ready"}, status_code=503)
+
+    def prometheus(self) -> PlainTextResponse:
+        return PlainTextResponse(self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    def tasks(self) -> dict[str, Any] | JSONResponse:
+        try:
+            items = [self._task_item(t) for t in self.engine.registry.list_tasks()]
+        except Exception as e:  # noqa: BLE001 - answered like predict's errors (a database outage: 503)
+            status, body, headers = problem_of(e, self.config.retry_after_s)
+            return JSONResponse(body, status_code=status, headers=headers)
+        return {"backbone": self.engine.describe()["backbone"], "tasks": items}
+
+    def _task_item(self, task: TaskInfo) -> dict[str, Any]:
+        item: dict[str, Any] = {"task": task.name, "versions": task.versions, "latest": task.latest,
+                                "aliases": task.aliases}
+        try:
+            h = self.engine.resolve(task.name)
+            item.update(servable=True, version=h.name, num_classes=h.num_classes, num_frames=h.num_frames,
+                        views=h.spec.temporal_views * h.spec.spatial_views, resident=self.engine.pool.where(h.key))
+        except RegistryUnavailable:
+            raise
+        except StadapterError as e:
+            item.update(servable=False, reason=str(e))
+        return item
+
+    async def predict(self, request: Request) -> JSONResponse:
+        t0 = time.perf_counter()
+        clip: ClipRequest | None = None
+        try:
+            if self.shutting_down or not self.batcher.ready:
+                self.metrics.rejected.labels("not_ready").inc()
+                raise NotReady("the server is not ready or is shutting down")
+            clip = await read_clip_request(request, self.config)
+            handles, views = await run_in_threadpool(self._prepare, clip)
+            deadline = t0 + self.config.request_timeout_s
+            probs = await self._run_job(list(zip(views, handles, strict=True)), deadline)
+            results = task_results(handles, views, probs, clip.top_k)
+            return self._answer(t0, 200, {"clip": clip.shown, "tasks": results,
+                                          "latency_ms": round((time.perf_counter() - t0) * 1000, 3)})
+        except Exception as e:  # noqa: BLE001 - every failure becomes a JSON problem with the right status
+            status, body, headers = problem_of(e, self.config.retry_after_s)
+            return self._answer(t0, status, body, headers)
+        finally:
+            if clip is not None and clip.upload_dir is not None:
+                shutil.rmtree(clip.upload_dir, ignore_errors=True)
+
+    def _prepare(self, clip: ClipRequest) -> tuple[list[TaskHandle], list[Tensor]]:
+        """Resolve the tasks, start loading their sets, and decode the clip into each task's views."""
+        handles = [self.engine.resolve(r) for r in clip.refs]
+        for h in handles:
+            self.engine.prefetch(h)  # the set loads while the clip decodes
+        return handles, self.engine.clip_views(clip.path, handles)
+
+    async def _run_job(self, units: list[tuple[Tensor, TaskHandle]], deadline: float) -> list[Tensor]:
+        """The batcher's answer for ``units``; 429 when its queue is full, 504 past ``deadline``."""
+        timeout = self.config.request_timeout_s
+        expired = HTTPProblem(504, f"no answer within the server's request timeout ({timeout:g} s)")
+        left = deadline - time.perf_counter()
+        if left <= 0:
+            raise expired
+        job = Job(units)
+        try:
+            future = self.batcher.submit(job)
+        except QueueFull as e:
+            self.metrics.rejected.labels("queue_full").inc()
+            raise HTTPProblem(429, str(e), {"Retry-After": str(self.config.retry_after_s)}) from None
+        except NotReady:
+            self.metrics.rejected.labels("not_ready").inc()
+            raise
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), left)
+        except asyncio.TimeoutError:
+            if future.done() and not future.cancelled():
+                raise  # the forward itself raised TimeoutError: not ours
+            job.cancel()  # still queued: the worker skips it
+            raise expired from None
+
+    def _answer(self, t0: float, status: int, body: Any, headers: dict[str, str] | None = None) -> JSONResponse:
+        self.metrics.requests.labels(PREDICT, str(status)).inc()
+        self.metrics.latency.labels(PREDICT).observe(time.perf_counter() - t0)
+        return JSONResponse(body, status_code=status, headers=headers)
+
+
+def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
+    """The FastAPI app serving ``engine``. Its lifespan starts the worker and, on shutdown, finishes the
+    queued and in-flight jobs before closing the engine."""
+    config = config or ServerConfig()
+    api = Api(engine, config)
+    app = FastAPI(title="stadapter", version=__version__, lifespan=api.lifespan,
+                  description="One frozen video backbone serving many tasks through hot-swapped ST-Adapter sets.")
+    app.state.engine, app.state.batcher, app.state.metrics, app.state.config = engine, api.batcher, api.metrics, config
+    app.add_api_route("/healthz", api.healthz, methods=["GET"], summary="Liveness: the process answers")
+    app.add_api_route("/readyz", api.readyz, methods=["GET"], response_model=None,
+                      summary="Readiness: the worker runs and accepts work")
+    app.add_api_route("/metrics", api.prometheus, methods=["GET"], summary="Prometheus metrics",
+                      response_class=PlainTextResponse)
+    app.add_api_route("/v1/tasks", api.tasks, methods=["GET"], response_model=dict[str, Any],
+                      summary="Registered tasks and whether they fit the running backbone")
+    app.add_api_route(PREDICT, api.predict, methods=["POST"], response_model=None, description=PREDICT_DOC,
+                      summary="Classify a clip with one or more tasks", openapi_extra=PREDICT_OPENAPI)
+    return app
+
+
 def serve(engine: Engine, config: ServerConfig, host: str = "127.0.0.1", port: int = 8000,
-          graceful_timeout_s: float = 30.0, log_level: str = "info") -> None:
+          graceful_timeout_s: int = 30, log_level: str = "info") -> None:
     """Run the server until SIGINT/SIGTERM; in-flight requests are finished before the process exits."""
     import signal
 
     import uvicorn
 
-    def finished(signum, frame):  # uvicorn re-raises the signal it stopped on once it has shut down
+    def finished(signum: int, frame: FrameType | None) -> None:
+        # uvicorn re-raises the signal it stopped on once it has shut down
         raise SystemExit(0)
 
     app = create_app(engine, config)
@@ -530,4 +504,4 @@ def serve(engine: Engine, config: ServerConfig, host: str = "127.0.0.1", port: i
             signal.signal(signal.SIGTERM, previous)
 
 
-__all__ = ["ServerConfig", "create_app", "serve", "check_path", "Batcher", "Job", "Metrics"]
+__all__ = ["ServerConfig", "create_app", "serve", "check_path", "Metrics"]

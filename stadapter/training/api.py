@@ -1,28 +1,43 @@
-"""`train_task`: everything `stadapter train` does, from annotations to a registered bundle."""
+"""The training workflows `stadapter train` and `stadapter eval` call.
+
+    train_task(...)       annotations -> a trained bundle under OUT/bundle, registered when asked
+    evaluate_task(...)    a registry ref or a bundle directory -> metrics over an annotation file
+"""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from stadapter.bundle import Bundle
+from stadapter.config import AdapterConfig
 from stadapter.errors import ConfigError
+from stadapter.model.backbone import Backbone
 from stadapter.model.loading import load_backbone
 from stadapter.model.video_vit import VideoViT, count_parameters
 from stadapter.recipes import PRESETS, Recipe, preset
 from stadapter.training import dist as D
 from stadapter.training.data import ClipSource
-from stadapter.training.loop import TrainJob, run_training
+from stadapter.training.loop import TrainJob, TrainResult, run_training
 from stadapter.training.report import plot_curves
+
+if TYPE_CHECKING:
+    from stadapter.registry import Registry
+    from stadapter.video.datasets import Sample
 
 
 @dataclass
 class TrainOutcome:
+    """bundle_dir is None on a non-main DDP rank; registered is the version's ref ("task:N") when the bundle
+    was registered."""
+
     bundle_dir: Path | None
     metrics: dict[str, Any] | None
     trainable_params: int
@@ -31,8 +46,18 @@ class TrainOutcome:
     registered: str | None = None
 
 
-def resolve_recipe(task: str, recipe: str | None, adapter: dict | None = None, spec: dict | None = None,
-                   train: dict | None = None) -> Recipe:
+@dataclass(frozen=True)
+class Evaluation:
+    """task: the evaluated bundle's task; clips: the annotated clips (decoded or skipped); metrics: top-1,
+    top-5, per-class accuracy, confusion matrix, skipped_clips (:func:`stadapter.training.evaluate.evaluate`)."""
+
+    task: str
+    clips: int
+    metrics: dict[str, Any]
+
+
+def resolve_recipe(task: str, recipe: str | None, adapter: dict[str, Any] | None = None,
+                   spec: dict[str, Any] | None = None, train: dict[str, Any] | None = None) -> Recipe:
     """The preset named by --recipe, else the task's name if it is a preset, else ``custom``; then overrides."""
     r = preset(recipe or (task if task in PRESETS else "custom"))
     return Recipe(r.name,
@@ -41,24 +66,52 @@ def resolve_recipe(task: str, recipe: str | None, adapter: dict | None = None, s
                   dataclasses.replace(r.train, **(train or {})))
 
 
-def backbone_info(bb) -> dict[str, Any]:
+def backbone_info(bb: Backbone) -> dict[str, Any]:
     return {**bb.describe(), "weights": getattr(bb, "weights", None), "fingerprint": bb.fingerprint()}
 
 
-def prepare_backbone(spec: str, weights: str | None, device: torch.device, amp: bool):
+def prepare_backbone(spec: str, weights: str | None, device: torch.device, amp: bool) -> Backbone:
     bb = load_backbone(spec, weights).to(device)
     if device.type == "cuda" and amp:
         bb = bb.half()  # frozen backbone in half precision; adapters and head stay fp32
     return bb
 
 
-def train_task(task: str, recipe: Recipe, samples_train: list, labels: list[str], samples_val: list | None,
-               backbone: str, weights: str | None, out: Path, resume: bool = False, max_steps: int | None = None,
-               device: str | None = None, log: Callable[[str], None] = print, progress: bool = True,
-               extra: dict[str, Any] | None = None) -> TrainOutcome:
+def _requested_device(device: str | None) -> str | None:
+    """'auto' (the CLI's default) and None both mean: CUDA when present, else the CPU."""
+    return None if device == "auto" else device
+
+
+@contextlib.contextmanager
+def _opened(registry: Registry | str | None) -> Iterator[Registry]:
+    """``registry`` itself when it is an open registry; else the one at that database URL (None: the default
+    database), closed afterwards."""
+    if registry is not None and not isinstance(registry, str):
+        yield registry
+        return
+    from stadapter.registry import open_registry
+
+    with open_registry(registry) as reg:
+        yield reg
+
+
+def train_task(task: str, recipe: Recipe, samples_train: list[Sample], labels: list[str],
+               samples_val: list[Sample] | None, backbone: str, weights: str | None, out: Path,
+               resume: bool = False, max_steps: int | None = None, device: str | None = None,
+               log: Callable[[str], None] = print, progress: bool = True, extra: dict[str, Any] | None = None,
+               *, register: bool = False, registry: Registry | str | None = None,
+               source: dict[str, Any] | None = None, data: str | None = None) -> TrainOutcome:
+    """Train ``recipe``'s adapter set for ``task`` on a frozen ``backbone`` and save the bundle (with metrics,
+    curves and ``extra`` in its config) to ``out/bundle``. Under torchrun every rank trains; the main rank saves.
+
+    With ``register``, the main rank then registers the bundle as the next version of ``task`` in ``registry``
+    (an open registry, or a database URL; None: the default database), with ``source`` as its lineage (default
+    ``{"kind": "train", "run": str(out)}``) and ``data`` naming the training data; ``registered`` holds the
+    new version's ref."""
     if not samples_train:
         raise ConfigError("the training set is empty")
     adapter = dataclasses.replace(recipe.adapter, num_classes=len(labels))
+    device = _requested_device(device)
     dev = D.device_for(device, 0)
     info = D.init_distributed(dev)
     if dev.type == "cuda" and device is None:
@@ -67,7 +120,8 @@ def train_task(task: str, recipe: Recipe, samples_train: list, labels: list[str]
     try:
         bb = prepare_backbone(backbone, weights, dev, recipe.train.amp)
         model = VideoViT(bb, adapter, recipe.task.num_frames)
-        src = dict(spec=recipe.task, size=bb.image_size, mean=bb.mean, std=bb.std, seed=recipe.train.seed)
+        src: dict[str, Any] = dict(spec=recipe.task, size=bb.image_size, mean=bb.mean, std=bb.std,
+                                   seed=recipe.train.seed)
         cache = recipe.train.cache_clips
         train_src = ClipSource(samples_train, **src, cache={} if cache else None)
         val_src = ClipSource(samples_val, **src, cache={} if cache else None) if samples_val else None
@@ -77,19 +131,60 @@ def train_task(task: str, recipe: Recipe, samples_train: list, labels: list[str]
         if not info.is_main:
             return TrainOutcome(None, result.metrics, count_parameters(result.tensors), result.seconds,
                                 result.skipped)
-        metrics = None
-        if result.metrics is not None:
-            metrics = {**result.metrics, "skipped_train_clips": result.skipped, "train_seconds": result.seconds,
-                       "steps": result.steps}
-        bundle = Bundle(task=task, adapter=adapter, spec=recipe.task, backbone=backbone_info(bb), labels=labels,
-                        tensors=result.tensors, metrics=metrics,
-                        extra={"recipe": recipe.name, "train": recipe.train.to_dict(),
-                               "trainable_params": count_parameters(result.tensors), **(extra or {})})
-        bundle_dir = out / "bundle"
-        if bundle_dir.exists():
-            shutil.rmtree(bundle_dir)
-        bundle.save(bundle_dir)
-        plot_curves(out / "metrics.jsonl", out / "curves.png", title=f"{task} ({adapter.method})")
-        return TrainOutcome(bundle_dir, metrics, count_parameters(result.tensors), result.seconds, result.skipped)
+        outcome = _save_bundle(task, recipe, adapter, bb, labels, result, out, extra)
     finally:
         D.shutdown(info)
+    if register and outcome.bundle_dir is not None:
+        with _opened(registry) as reg:
+            outcome.registered = reg.register(outcome.bundle_dir, task=task,
+                                              source=source or {"kind": "train", "run": str(out)}, data=data).ref
+    return outcome
+
+
+def _save_bundle(task: str, recipe: Recipe, adapter: AdapterConfig, bb: Backbone, labels: list[str],
+                 result: TrainResult, out: Path, extra: dict[str, Any] | None) -> TrainOutcome:
+    """Write ``out/bundle`` (replacing an older one) and ``out/curves.png``."""
+    metrics = None
+    if result.metrics is not None:
+        metrics = {**result.metrics, "skipped_train_clips": result.skipped, "train_seconds": result.seconds,
+                   "steps": result.steps}
+    trainable = count_parameters(result.tensors)
+    bundle = Bundle(task=task, adapter=adapter, spec=recipe.task, backbone=backbone_info(bb), labels=labels,
+                    tensors=result.tensors, metrics=metrics,
+                    extra={"recipe": recipe.name, "train": recipe.train.to_dict(), "trainable_params": trainable,
+                           **(extra or {})})
+    bundle_dir = out / "bundle"
+    if bundle_dir.exists():
+        shutil.rmtree(bundle_dir)
+    bundle.save(bundle_dir)
+    plot_curves(out / "metrics.jsonl", out / "curves.png", title=f"{task} ({adapter.method})")
+    return TrainOutcome(bundle_dir, metrics, trainable, result.seconds, result.skipped)
+
+
+def evaluate_task(annotations: Path, *, ref: str | None = None, bundle_dir: Path | None = None,
+                  registry: Registry | str | None = None, root: Path | None = None, device: str | None = None,
+                  amp: bool = True, log: Callable[[str], None] = print) -> Evaluation:
+    """Evaluate a trained adapter set over the clips of ``annotations`` (paths relative to ``root``, default the
+    file's directory) with the task's own test views.
+
+    The set is the registry version ``ref`` (TASK, TASK:VERSION or TASK@ALIAS; ``registry`` as in
+    :func:`train_task`) or the bundle directory ``bundle_dir``. Its backbone is built from the bundle's spec
+    and weights (half precision on CUDA with ``amp``) and must have the fingerprint the bundle was trained on."""
+    from stadapter.training.evaluate import evaluate
+    from stadapter.video.datasets import load_annotations
+
+    if ref is not None and bundle_dir is None:
+        with _opened(registry) as reg:
+            bundle = reg.load_bundle(ref)
+    elif bundle_dir is not None and ref is None:
+        bundle = Bundle.load(bundle_dir)
+    else:
+        raise ConfigError("evaluate a registry ref or a bundle directory (one of the two)")
+    dev = D.device_for(_requested_device(device))
+    bb = prepare_backbone(bundle.backbone["spec"], bundle.backbone.get("weights"), dev, amp=amp)
+    bundle.check_backbone(bb.fingerprint(), str(bb.spec))
+    model = VideoViT(bb, bundle.adapter, bundle.spec.num_frames).eval()
+    tensors = {k: v.to(dev) for k, v in bundle.tensors.items()}
+    ann = load_annotations(annotations, split="val", root=root, classes=bundle.labels)
+    src = ClipSource(ann.samples, bundle.spec, bb.image_size, bb.mean, bb.std)
+    return Evaluation(bundle.task, len(ann.samples), evaluate(model, tensors, src, bundle.labels, log=log))

@@ -7,49 +7,55 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from stadapter.config import TaskSpec
-from stadapter.video.datasets import Skipped, VideoClipDataset
+from stadapter.video.datasets import Sample, Skipped, VideoClipDataset
+
+ClipItem = tuple[Tensor, int] | Skipped  # what VideoClipDataset gives for one index
+IndexedItem = tuple[int, ClipItem, str]  # (sample index, item, the clip's path)
+IndexedBatch = tuple[Tensor, Tensor, Tensor, list[Skipped]]  # see collate_indexed
 
 
 @dataclass
 class ClipSource:
     """Labelled clips plus everything needed to turn them into model input."""
 
-    samples: list  # stadapter.video.datasets.Sample
+    samples: list[Sample]
     spec: TaskSpec
     size: tuple[int, int]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     seed: int = 0
-    cache: dict | None = None  # decoded clips kept across epochs (None: decode every time)
+    cache: dict[int, np.ndarray] | None = None  # decoded clips kept across epochs (None: decode every time)
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def dataset(self, train: bool, epoch: int = 0) -> Dataset:
+    def dataset(self, train: bool, epoch: int = 0) -> VideoClipDataset:
         ds = VideoClipDataset(self.samples, self.spec, self.size[0], self.mean, self.std, train=train,
                               seed=self.seed, frame_cache=self.cache)
         ds.set_epoch(epoch)
         return ds
 
 
-class _Indexed(Dataset):
-    def __init__(self, ds: Dataset, samples: list) -> None:
+class _Indexed(Dataset[IndexedItem]):
+    def __init__(self, ds: VideoClipDataset, samples: Sequence[Sample]) -> None:
         self.ds, self.samples = ds, samples
 
     def __len__(self) -> int:
-        return len(self.ds)  # type: ignore[arg-type]
+        return len(self.ds)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int) -> IndexedItem:
         return i, self.ds[i], str(self.samples[i].path)
 
 
-def collate_indexed(batch: list):
+def collate_indexed(batch: list[IndexedItem]) -> IndexedBatch:
     """-> (sample ids (B,), clips (B, ...), labels (B,), Skipped items of clips that failed to decode)."""
-    ok = [(i, item) for i, item, _ in batch if item]
+    ok = [(i, item) for i, item, _ in batch if item and not isinstance(item, Skipped)]
     skipped = [item if isinstance(item, Skipped) else Skipped(Path(path), "no item") for _, item, path in batch
                if not item]
     if not ok:
@@ -61,7 +67,7 @@ def collate_indexed(batch: list):
 
 
 def make_loader(source: ClipSource, plan: Sequence[Sequence[int]], epoch: int, train: bool, seed: int,
-                workers: int) -> DataLoader:
+                workers: int) -> DataLoader[IndexedItem]:
     ds = source.dataset(train=train, epoch=epoch)
     if source.cache is not None:
         workers = 0  # the cache lives in this process; worker processes would fill and drop copies of it

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -24,7 +24,7 @@ def predict_views(model: VideoViT, tensors: Mapping[str, Tensor], views: Tensor)
 
 @torch.no_grad()
 def evaluate(model: VideoViT, tensors: Mapping[str, Tensor], source: ClipSource, class_names: list[str],
-             batch: int = 4, workers: int = 0, log=print) -> dict[str, Any]:
+             batch: int = 4, workers: int = 0, log: Callable[[str], None] = print) -> dict[str, Any]:
     model.eval()
     n = len(source)
     plan = [list(range(i, min(n, i + batch))) for i in range(0, n, batch)]

@@ -13,6 +13,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,15 +21,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from stadapter.config import AdapterConfig, TaskSpec, TrainConfig
 from stadapter.errors import ConfigError, StadapterError
 from stadapter.model.video_vit import VideoViT
 from stadapter.training import dist as D
-from stadapter.training.data import ClipSource, make_loader
-from stadapter.video.datasets import SkipCounter
+from stadapter.training.data import ClipSource, IndexedBatch, make_loader
 from stadapter.training.evaluate import evaluate
 from stadapter.training.optim import lr_at, make_optimizer, scaled_lr, set_lr
+from stadapter.video.datasets import SkipCounter
 
 CHECKPOINT = "checkpoint.pt"
 METRICS_LOG = "metrics.jsonl"
@@ -46,7 +48,7 @@ class AdapterParams(nn.Module):
         self.seed = seed
 
     def tensors(self) -> dict[str, Tensor]:
-        return dict(zip(self.names, self.params))
+        return dict(zip(self.names, self.params, strict=True))
 
     def forward(self, clips: Tensor, sample_ids: Tensor, epoch: int) -> Tensor:
         model = self._model[0]
@@ -135,121 +137,183 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
     return None
 
 
+@dataclass(frozen=True)
+class _Schedule:
+    """The length of a run and its learning-rate curve."""
+
+    batch: int  # global batch: clips per optimizer step, over every process and accumulation step
+    per_epoch: int  # optimizer steps per epoch
+    total: int  # optimizer steps in the run
+    warmup: int  # warmup steps
+    peak: float  # the learning rate after warmup
+
+    @classmethod
+    def of(cls, job: TrainJob, n_train: int, world: int) -> _Schedule:
+        cfg = job.train
+        batch, per_epoch, total = plan_steps(n_train, cfg, world)
+        if job.max_steps is not None:
+            total = min(total, job.max_steps)
+        peak = scaled_lr(TrainConfig(**{**cfg.to_dict(), "batch_size": batch}))
+        return cls(batch, per_epoch, total, int(round(cfg.warmup_epochs * per_epoch)), peak)
+
+    def lr(self, step: int) -> float:
+        return lr_at(step, self.total, self.warmup, self.peak)
+
+    def eval_due(self, step: int, eval_every: float) -> bool:
+        """After the last step, and after every ``eval_every``-th epoch (never mid-run when it is <= 0)."""
+        end_of_epoch = step % self.per_epoch == 0
+        return step == self.total or (
+            end_of_epoch and eval_every > 0 and (step // self.per_epoch) % max(1, int(eval_every)) == 0)
+
+
+@dataclass
+class _Stepper:
+    """One optimizer step: gradients accumulated over ``accum`` micro-batches, DDP syncing on the last."""
+
+    module: AdapterParams
+    ddp: nn.Module  # ``module``, or its DistributedDataParallel wrapper
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    info: D.DistInfo
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    accum: int
+    batch: int  # global batch: each process's summed loss is divided by its share of it
+
+    def step(self, micro: Iterator[IndexedBatch], epoch: int, lr: float, skips: SkipCounter) -> tuple[float, int]:
+        """Runs the next ``accum`` micro-batches of ``micro`` -> (summed loss, clips) of this process."""
+        set_lr(self.opt, lr)
+        self.opt.zero_grad(set_to_none=True)
+        loss_sum, n_clips = 0.0, 0
+        for m in range(self.accum):
+            ids, clips, labels, skipped = next(micro)
+            skips.update(ok=len(ids), skipped=skipped)
+            last = m == self.accum - 1
+            ctx = self.ddp.no_sync() if isinstance(self.ddp, DistributedDataParallel) and not last else nullcontext()
+            with ctx, torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                if len(ids):
+                    logits = self.ddp(clips.to(self.device, non_blocking=True), ids, epoch)
+                    loss = F.cross_entropy(logits.float(), labels.to(self.device), reduction="sum")
+                else:  # every clip of this micro-batch failed to decode: keep DDP in step
+                    loss = torch.stack([p.sum() * 0 for p in self.module.params]).sum()
+                self.scaler.scale(loss / max(1, self.batch // self.info.world_size)).backward()
+            loss_sum += float(loss.detach())
+            n_clips += len(ids)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        return loss_sum, n_clips
+
+
 def run_training(job: TrainJob, model: VideoViT, info: D.DistInfo, resume: bool = False) -> TrainResult:
-    cfg, out = job.train, job.out
+    """Train a fresh adapter set for ``job`` (``resume``: from the checkpoint in ``job.out`` when there is one)."""
+    cfg = job.train
     device = next(model.backbone.parameters()).device
-    out.mkdir(parents=True, exist_ok=True)
+    job.out.mkdir(parents=True, exist_ok=True)
     n_train = len(job.train_source)
-    batch, per_epoch, total = plan_steps(n_train, cfg, info.world_size)
-    if job.max_steps is not None:
-        total = min(total, job.max_steps)
-    warmup = int(round(cfg.warmup_epochs * per_epoch))
-    peak = scaled_lr(TrainConfig(**{**cfg.to_dict(), "batch_size": batch}))
+    sched = _Schedule.of(job, n_train, info.world_size)
     tensors = model.init_adapter_set(torch.Generator().manual_seed(cfg.seed))
     module = AdapterParams(model, {k: v.to(device) for k, v in tensors.items()}, cfg.seed)
-    opt = make_optimizer(module.tensors(), cfg, peak)
+    opt = make_optimizer(module.tensors(), cfg, sched.peak)
     amp_dtype = autocast_dtype(cfg, device)
     if amp_dtype is torch.bfloat16 and info.is_main and not cpu_has_fast_bf16():
         job.log("cpu_bf16: this CPU reports neither AVX512-BF16 nor AMX; bf16 steps may be slower than fp32")
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)  # bf16 needs no loss scaling
-    step = 0
-    ckpt_path = out / CHECKPOINT
-    signature = _signature(job, batch, total)
-    if resume and ckpt_path.exists():
-        step = _load_checkpoint(ckpt_path, module, opt, scaler, signature)
-        _truncate_log(out / METRICS_LOG, step)
-        if info.is_main:
-            job.log(f"resuming from step {step} of {total} ({ckpt_path})")
-    elif resume:
-        job.log(f"no checkpoint in {out}; starting from scratch")
-    ddp = (torch.nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda"
-                                                     else None) if info.enabled else module)
+    ckpt_path, signature = job.out / CHECKPOINT, _signature(job, sched.batch, sched.total)
+    step = _resume(job, module, opt, scaler, signature, info) if resume else 0
+    ddp = (DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+           if info.enabled else module)
+    stepper = _Stepper(module, ddp, opt, scaler, info, device, amp_dtype, cfg.grad_accum, sched.batch)
     skips = SkipCounter(warn=job.log if info.is_main else (lambda _: None))
-    log_file = open(out / METRICS_LOG, "a") if info.is_main else None
     start, seen, metrics = time.monotonic(), 0, None
-    bar = _Progress(total, step, enabled=job.progress and info.is_main, label=job.task)
+    bar = _Progress(sched.total, step, enabled=job.progress and info.is_main, label=job.task)
     try:
-        model.train()
-        while step < total:
-            epoch, in_epoch = divmod(step, per_epoch)
-            batches = epoch_batches(n_train, batch, per_epoch, cfg.seed, epoch)[in_epoch:]
-            plan = [mb for gb in batches for mb in micro_batches(gb, info, cfg.grad_accum)]
-            loader = make_loader(job.train_source, plan, epoch, train=True, seed=cfg.seed,
-                                 workers=cfg.num_workers)
-            it: Iterator = iter(loader)
-            for _ in batches:
-                lr = lr_at(step, total, warmup, peak)
-                set_lr(opt, lr)
-                opt.zero_grad(set_to_none=True)
-                loss_sum, n_clips = 0.0, 0
-                for m in range(cfg.grad_accum):
-                    ids, clips, labels, skipped = next(it)
-                    skips.update(ok=len(ids), skipped=skipped)
-                    sync = m == cfg.grad_accum - 1 or not info.enabled
-                    ctx = ddp.no_sync() if (info.enabled and not sync) else _null()
-                    with ctx, torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                        if len(ids):
-                            logits = ddp(clips.to(device, non_blocking=True), ids, epoch)
-                            loss = F.cross_entropy(logits.float(), labels.to(device), reduction="sum")
-                        else:  # every clip of this micro-batch failed to decode: keep DDP in step
-                            loss = sum(p.sum() * 0 for p in module.params)
-                        scaler.scale(loss / max(1, batch // info.world_size)).backward()
-                    loss_sum += float(loss.detach())
-                    n_clips += len(ids)
-                scaler.step(opt)
-                scaler.update()
-                step += 1
-                seen += n_clips * info.world_size
-                mean_loss = loss_sum / max(1, n_clips)
-                rate = seen / max(1e-9, time.monotonic() - start)
-                bar.advance(loss=mean_loss, lr=lr, rate=rate)
-                if log_file:
-                    log_file.write(json.dumps({"step": step, "epoch": epoch, "loss": mean_loss, "lr": lr,
-                                               "clips_per_s": rate}) + "\n")
-                    log_file.flush()
-                if step % cfg.checkpoint_every == 0 or step == total:
-                    if info.is_main:
-                        _save_checkpoint(ckpt_path, module, opt, scaler, step, signature)
-                    D.barrier(info)
-                end_of_epoch = step % per_epoch == 0
-                if job.val_source is not None and (step == total or (
-                        end_of_epoch and cfg.eval_every > 0 and (step // per_epoch) % max(1, int(cfg.eval_every)) == 0)):
-                    if info.is_main:
-                        metrics = evaluate(model, module.tensors(), job.val_source, job.labels, workers=cfg.num_workers)
-                        metrics["step"] = step
-                        if log_file:
-                            log_file.write(json.dumps({"step": step, "split": "val", "top1": metrics["top1"],
-                                                       "top5": metrics["top5"]}) + "\n")
-                            log_file.flush()
-                        bar.note(f"val top-1 {metrics['top1']:.3f}")
-                    D.barrier(info)
-                    model.train()
-                if step >= total:
-                    break
-            del it, loader
+        with _metrics_log(job.out / METRICS_LOG, enabled=info.is_main) as write_metrics:
+            model.train()
+            while step < sched.total:
+                epoch, in_epoch = divmod(step, sched.per_epoch)
+                batches = epoch_batches(n_train, sched.batch, sched.per_epoch, cfg.seed, epoch)[in_epoch:]
+                plan = [mb for gb in batches for mb in micro_batches(gb, info, cfg.grad_accum)]
+                loader = make_loader(job.train_source, plan, epoch, train=True, seed=cfg.seed,
+                                     workers=cfg.num_workers)
+                it: Iterator[IndexedBatch] = iter(loader)
+                for _ in batches:
+                    lr = sched.lr(step)
+                    loss_sum, n_clips = stepper.step(it, epoch, lr, skips)
+                    step += 1
+                    seen += n_clips * info.world_size
+                    mean_loss, rate = loss_sum / max(1, n_clips), seen / max(1e-9, time.monotonic() - start)
+                    bar.advance(loss=mean_loss, lr=lr, rate=rate)
+                    write_metrics({"step": step, "epoch": epoch, "loss": mean_loss, "lr": lr, "clips_per_s": rate})
+                    if step % cfg.checkpoint_every == 0 or step == sched.total:
+                        if info.is_main:
+                            _save_checkpoint(ckpt_path, module, opt, scaler, step, signature)
+                        D.barrier(info)
+                    if job.val_source is not None and sched.eval_due(step, cfg.eval_every):
+                        if info.is_main:
+                            metrics = _validate(job, job.val_source, model, module, step, write_metrics, bar)
+                        D.barrier(info)
+                        model.train()
+                    if step >= sched.total:
+                        break
+                del it, loader
     finally:
         bar.close()
-        if log_file:
-            log_file.close()
     final = {k: v.detach().to("cpu", torch.float32).clone() for k, v in module.tensors().items()}
     return TrainResult(final, metrics, step, time.monotonic() - start, skips.skipped)
 
 
-class _null:
-    def __enter__(self):
-        return self
+MetricsWriter = Callable[[dict[str, Any]], None]
 
-    def __exit__(self, *a):
-        return False
+
+@contextmanager
+def _metrics_log(path: Path, enabled: bool) -> Iterator[MetricsWriter]:
+    """A writer of one JSON line per record, appended to ``path`` and flushed (a no-op when not enabled)."""
+    if not enabled:
+        yield lambda record: None
+        return
+    with open(path, "a") as f:
+
+        def write(record: dict[str, Any]) -> None:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+        yield write
+
+
+def _validate(job: TrainJob, source: ClipSource, model: VideoViT, module: AdapterParams, step: int,
+              write_metrics: MetricsWriter, bar: _Progress) -> dict[str, Any]:
+    """Metrics of the adapter set so far on the validation clips, logged and shown on the progress bar."""
+    metrics = evaluate(model, module.tensors(), source, job.labels, workers=job.train.num_workers)
+    metrics["step"] = step
+    write_metrics({"step": step, "split": "val", "top1": metrics["top1"], "top5": metrics["top5"]})
+    bar.note(f"val top-1 {metrics['top1']:.3f}")
+    return metrics
+
+
+def _resume(job: TrainJob, module: AdapterParams, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+            signature: dict[str, Any], info: D.DistInfo) -> int:
+    """The step to go on from: the checkpoint's (its metrics log cut back to that step), else 0."""
+    ckpt_path = job.out / CHECKPOINT
+    if not ckpt_path.exists():
+        job.log(f"no checkpoint in {job.out}; starting from scratch")
+        return 0
+    step = _load_checkpoint(ckpt_path, module, opt, scaler, signature)
+    _truncate_log(job.out / METRICS_LOG, step)
+    if info.is_main:
+        job.log(f"resuming from step {step} of {signature['total']} ({ckpt_path})")
+    return step
 
 
 def _signature(job: TrainJob, batch: int, total: int) -> dict[str, Any]:
-    return {"task": job.task, "adapter": job.adapter.to_dict(), "spec": job.spec.to_dict(),
-            "train": {k: v for k, v in job.train.to_dict().items() if k not in ("num_workers", "checkpoint_every", "cache_clips")},
+    """What a checkpoint must match to be resumed (settings that do not change the result left out)."""
+    train = {k: v for k, v in job.train.to_dict().items()
+             if k not in ("num_workers", "checkpoint_every", "cache_clips")}
+    return {"task": job.task, "adapter": job.adapter.to_dict(), "spec": job.spec.to_dict(), "train": train,
             "batch": batch, "total": total, "num_train": len(job.train_source), "labels": job.labels}
 
 
-def _save_checkpoint(path: Path, module: AdapterParams, opt, scaler, step: int, signature: dict) -> None:
+def _save_checkpoint(path: Path, module: AdapterParams, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                     step: int, signature: dict[str, Any]) -> None:
     state = {"step": step, "names": module.names, "tensors": [p.detach().cpu() for p in module.params],
              "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "signature": json.dumps(signature)}
     tmp = path.with_name(path.name + ".tmp")
@@ -259,10 +323,11 @@ def _save_checkpoint(path: Path, module: AdapterParams, opt, scaler, step: int, 
     os.replace(tmp, path)
 
 
-def _load_checkpoint(path: Path, module: AdapterParams, opt, scaler, signature: dict) -> int:
+def _load_checkpoint(path: Path, module: AdapterParams, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                     signature: dict[str, Any]) -> int:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # any load failure means an unreadable checkpoint
         raise StadapterError(f"cannot read checkpoint {path}: {e}") from e
     saved = json.loads(state["signature"])
     if saved != json.loads(json.dumps(signature)):
@@ -272,7 +337,7 @@ def _load_checkpoint(path: Path, module: AdapterParams, opt, scaler, signature: 
     if state["names"] != module.names:
         raise StadapterError(f"checkpoint {path} holds other tensors than this model")
     with torch.no_grad():
-        for p, t in zip(module.params, state["tensors"]):
+        for p, t in zip(module.params, state["tensors"], strict=True):
             p.copy_(t)
     opt.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])

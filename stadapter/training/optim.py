@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -18,11 +19,15 @@ def scaled_lr(cfg: TrainConfig) -> float:
     return cfg.lr_per_256 * cfg.batch_size / 256
 
 
-def param_groups(tensors: Mapping[str, Tensor], cfg: TrainConfig, lr: float) -> list[dict]:
+def param_groups(tensors: Mapping[str, Tensor], cfg: TrainConfig, lr: float) -> list[dict[str, Any]]:
     """Decayed weights, undecayed biases and norm weights (1-D), the depth-wise conv weights (decayed, with
     ``conv_lr_mult`` times the learning rate), and the classifier head (``head_lr_mult`` times; its weight
     decayed, its bias not)."""
-    decay, no_decay, conv, head_w, head_b = [], [], [], [], []
+    decay: list[Tensor] = []
+    no_decay: list[Tensor] = []
+    conv: list[Tensor] = []
+    head_w: list[Tensor] = []
+    head_b: list[Tensor] = []
     for name, t in tensors.items():
         if not t.requires_grad:
             continue
@@ -34,7 +39,7 @@ def param_groups(tensors: Mapping[str, Tensor], cfg: TrainConfig, lr: float) -> 
             no_decay.append(t)
         else:
             decay.append(t)
-    groups = [
+    groups: list[dict[str, Any]] = [
         {"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
         {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
         {"params": conv, "weight_decay": cfg.weight_decay, "lr_scale": cfg.conv_lr_mult},

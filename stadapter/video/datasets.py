@@ -103,7 +103,7 @@ class _Labels:
     def resolve(self, raw: list[str], where: list[str]) -> tuple[list[int], list[str]]:
         if self.fixed is not None:
             out = []
-            for r, w in zip(raw, where):
+            for r, w in zip(raw, where, strict=True):
                 if r in self.index:
                     out.append(self.index[r])
                 elif r.isdigit() and int(r) < len(self.fixed):
@@ -148,7 +148,7 @@ def parse_list(path: Path, root: Path | None = None, classes: Sequence[str] | No
         raw.append(parts[1])
         where.append(f"{path}:{n}")
     labels, names = _Labels(classes).resolve(raw, where)
-    return Annotations([Sample(_resolve(root, p), y) for p, y in zip(paths, labels)], names)
+    return Annotations([Sample(_resolve(root, p), y) for p, y in zip(paths, labels, strict=True)], names)
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
@@ -170,7 +170,7 @@ def parse_csv(path: Path, root: Path | None = None, classes: Sequence[str] | Non
         raise AnnotationError(f"{path}: a CSV needs a header with 'path' and 'label' columns, found {sorted(keys)}")
     where = [f"{path}:{i + 2}" for i in range(len(rows))]
     labels, names = _Labels(classes).resolve([r[lcol] for r in rows], where)
-    return Annotations([Sample(_resolve(root, r[pcol]), y) for r, y in zip(rows, labels)], names)
+    return Annotations([Sample(_resolve(root, r[pcol]), y) for r, y in zip(rows, labels, strict=True)], names)
 
 
 def k400_filename(youtube_id: str, time_start: int, time_end: int, ext: str = ".mp4") -> str:
@@ -200,7 +200,7 @@ def parse_k400(path: Path, root: Path | None = None, classes: Sequence[str] | No
         log.warning("%s: %d of %d clips are not under %s; they will be skipped", path, missing, len(rows), root)
     where = [f"{path}:{i + 2}" for i in range(len(rows))]
     labels, names = _Labels(classes).resolve([r["label"] for r in rows], where)
-    return Annotations([Sample(f, y) for f, y in zip(files, labels)], names)
+    return Annotations([Sample(f, y) for f, y in zip(files, labels, strict=True)], names)
 
 
 def _read_json(path: Path) -> Any:
@@ -285,7 +285,7 @@ def parse_hmdb51(path: Path, root: Path | None = None, split: str = "train", fol
     want = "1" if _split_kind(split) == "train" else "2"
     root = root or folder
     samples = []
-    for label, (name, f) in enumerate(zip(classes, files)):
+    for label, (name, f) in enumerate(zip(classes, files, strict=True)):
         for n, line in _lines(f):
             parts = line.split()
             if len(parts) != 2 or parts[1] not in ("0", "1", "2"):

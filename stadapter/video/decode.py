@@ -19,8 +19,11 @@ from pathlib import Path
 
 import av
 import av.error
-from av.video.reformatter import VideoReformatter
 import numpy as np
+from av.container import InputContainer
+from av.video.frame import VideoFrame
+from av.video.reformatter import VideoReformatter
+from av.video.stream import VideoStream
 
 from stadapter.errors import DecodeError, InputError
 
@@ -44,7 +47,7 @@ def _reason(e: BaseException) -> str:
     return str(text).splitlines()[0]
 
 
-def _open(path: str | Path) -> av.container.InputContainer:
+def _open(path: str | Path) -> InputContainer:
     p = Path(path)
     if not p.exists():
         raise DecodeError(f"{p}: no such video file")
@@ -89,21 +92,22 @@ def probe(path: str | Path, count_packets: bool = True) -> VideoInfo:
                          height=stream.codec_context.height, duration=duration)
 
 
-Decoded = tuple[dict[int, np.ndarray], int, "int | None"]  # ({index: (H, W, 3)}, frames decoded, largest pts)
+Decoded = tuple[dict[int, np.ndarray], int, int | None]  # ({index: (H, W, 3)}, frames decoded, largest pts)
 
 
-def _rgb(reformatter: VideoReformatter, frame) -> np.ndarray:  # type: ignore[no-untyped-def]
+def _rgb(reformatter: VideoReformatter, frame: VideoFrame) -> np.ndarray:
     """(H, W, 3) uint8 RGB. One reformatter per clip keeps its swscale context across frames (``to_ndarray(
     format=...)`` builds one per frame: ~3 ms even for a 32 x 32 frame); the pixels are the same."""
     return reformatter.reformat(frame, format="rgb24").to_ndarray()
 
 
-def _decode_sequential(path: Path, container, stream, wanted: list[int]) -> Decoded:
+def _decode_sequential(path: Path, container: InputContainer, stream: VideoStream, wanted: list[int]) -> Decoded:
     """Decode from the start up to the last wanted frame: ({index: (H, W, 3)}, frames decoded, largest pts)."""
     target, stop = set(wanted), wanted[-1]
     rgb = VideoReformatter()
     out: dict[int, np.ndarray] = {}
-    n, last, max_pts = 0, None, None
+    n, max_pts = 0, None
+    last: VideoFrame | None = None
     try:
         for frame in container.decode(stream):
             if n in target:
@@ -115,14 +119,14 @@ def _decode_sequential(path: Path, container, stream, wanted: list[int]) -> Deco
                 break
     except _AV_ERRORS as e:
         raise DecodeError(f"{path}: decoding failed after {n} frames ({_reason(e)})") from e
-    if n == 0:
+    if last is None:
         raise DecodeError(f"{path}: no frame could be decoded")
     if n - 1 not in out and n <= stop:
         out[n - 1] = _rgb(rgb, last)  # clamp target for indices past the end
     return out, n, max_pts
 
 
-def _check_not_truncated(path: Path, stream, max_pts: int | None, n: int, stop: int) -> None:
+def _check_not_truncated(path: Path, stream: VideoStream, max_pts: int | None, n: int, stop: int) -> None:
     """The stream ended before frame ``stop``: fine near the end (counts can be one too high), but a stream
     that stops well before the duration its header gives is truncated (threaded decoding hides the error)."""
     if max_pts is None or not stream.duration or not stream.time_base:
@@ -136,7 +140,7 @@ def _check_not_truncated(path: Path, stream, max_pts: int | None, n: int, stop: 
                           f"before frame {stop} (truncated file?)")
 
 
-def _pts_step(stream) -> int | None:
+def _pts_step(stream: VideoStream) -> int | None:
     """pts units per frame when the stream's timestamps are regular, else None."""
     if not stream.time_base or not stream.average_rate or not stream.frames or not stream.duration:
         return None
@@ -146,7 +150,7 @@ def _pts_step(stream) -> int | None:
     return int(step)
 
 
-def _decode_seeking(container, stream, wanted: list[int]) -> Decoded | None:
+def _decode_seeking(container: InputContainer, stream: VideoStream, wanted: list[int]) -> Decoded | None:
     """Seek to a keyframe before the first wanted frame and index frames by pts. None when the timestamps do
     not give exact indices (the caller then decodes sequentially)."""
     step = _pts_step(stream)
@@ -155,7 +159,8 @@ def _decode_seeking(container, stream, wanted: list[int]) -> Decoded | None:
     start = stream.start_time or 0
     target, first, stop = set(wanted), wanted[0], wanted[-1]
     out: dict[int, np.ndarray] = {}
-    prev, last = None, None
+    prev: int | None = None
+    last: VideoFrame | None = None
     rgb = VideoReformatter()
     try:
         container.seek(start + first * step, backward=True, any_frame=False, stream=stream)
@@ -172,14 +177,15 @@ def _decode_seeking(container, stream, wanted: list[int]) -> Decoded | None:
                 break
     except _AV_ERRORS:
         return None
-    if prev is None:
+    if prev is None or last is None:
         return None
     if prev not in out and prev < stop:
         out[prev] = _rgb(rgb, last)
     return out, prev + 1, last.pts
 
 
-def decode_frames(path: str | Path, indices: Sequence[int], seek_threshold: int = SEEK_THRESHOLD) -> np.ndarray:
+def decode_frames(path: str | Path, indices: Sequence[int] | np.ndarray, seek_threshold: int = SEEK_THRESHOLD
+                  ) -> np.ndarray:
     """The frames at ``indices`` (any order, repeats allowed) as (N, H, W, 3) uint8 RGB.
 
     Indices past the last decodable frame are clamped to it. Raises DecodeError naming the file when it is

@@ -225,7 +225,7 @@ def render_frames(scene: Scene, states: np.ndarray) -> np.ndarray:
     out = np.empty((len(states), size, size, 3), dtype=np.uint8)
     for i, frame_states in enumerate(states):
         frame = scene.background
-        for sprite, state in zip(scene.sprites, frame_states):
+        for sprite, state in zip(scene.sprites, frame_states, strict=True):
             frame = _draw(frame, sprite, state, xx, yy)
         out[i] = np.clip(frame * 255 + 0.5, 0, 255).astype(np.uint8)
     return out
@@ -302,12 +302,13 @@ def generate(out: str | Path, seed: int = 0, clips_per_class: int = 40, frames: 
     (root / "labels.json").write_text(json.dumps(list(CLASSES), indent=1) + "\n")
     settings = {"seed": seed, "clips_per_class": clips_per_class, "frames": frames, "size": size, "fps": fps,
                 "val_fraction": val_fraction, "classes": list(CLASSES), "num_train": len(lines["train"]),
-                "num_val": len(lines["val"]), "motion": dataclasses.asdict(motion), "codec": "libx264 yuv420p all-intra", "x264": X264_OPTIONS,
-                "stadapter_version": __version__}
+                "num_val": len(lines["val"]), "motion": dataclasses.asdict(motion),
+                "codec": "libx264 yuv420p all-intra", "x264": X264_OPTIONS, "stadapter_version": __version__}
     (root / "synth.json").write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
     return SynthSet(root, root / "train.txt", root / "val.txt", root / "labels.json", CLASSES,
                     len(lines["train"]), len(lines["val"]))
 
 
-__all__ = ["CLASSES", "OPPOSITE", "SHAPES", "MotionRanges", "DEFAULT_MOTION", "Sprite", "Scene", "SynthSet", "sample_states",
-           "motion_of", "sample_scene", "render_frames", "render_clip", "write_mp4", "generate", "clip_rng"]
+__all__ = ["CLASSES", "OPPOSITE", "SHAPES", "MotionRanges", "DEFAULT_MOTION", "Sprite", "Scene", "SynthSet",
+           "sample_states", "motion_of", "sample_scene", "render_frames", "render_clip", "write_mp4", "generate",
+           "clip_rng"]

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -210,7 +210,8 @@ def spatial_views(frames: np.ndarray, views: int, size: int) -> list[torch.Tenso
     x = resize_short_side(to_tensor(frames), size)  # (T, 3, H', W')
     if views == 1:
         return [center_crop(x, size)]
-    return [crop(x, top, left, size) for top, left in three_crop_offsets(*x.shape[-2:], size)]
+    h, w = x.shape[-2:]
+    return [crop(x, top, left, size) for top, left in three_crop_offsets(h, w, size)]
 
 
 def test_views(frames_per_temporal_view: Sequence[np.ndarray] | np.ndarray, spec: TaskSpec, size: int,

@@ -4,16 +4,17 @@ passes an open connection in ``config.attributes["connection"]``; no alembic.ini
 from __future__ import annotations
 
 from alembic import context
-from sqlalchemy import create_engine
+from sqlalchemy import Connection, create_engine
 from sqlalchemy.pool import NullPool
 
+from stadapter.errors import RegistryError
 from stadapter.registry.models import Base
 
 config = context.config
 target_metadata = Base.metadata
 
 
-def _configure(connection) -> None:  # type: ignore[no-untyped-def]
+def _configure(connection: Connection) -> None:
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
@@ -36,7 +37,10 @@ def run_migrations_online() -> None:
         with context.begin_transaction():
             context.run_migrations()
         return
-    engine = create_engine(config.get_main_option("sqlalchemy.url"), poolclass=NullPool)
+    url = config.get_main_option("sqlalchemy.url")
+    if not url:
+        raise RegistryError("no database URL for the migrations; run them with `stadapter db upgrade --db URL`")
+    engine = create_engine(url, poolclass=NullPool)
     with engine.begin() as connection:
         _configure(connection)
         with context.begin_transaction():

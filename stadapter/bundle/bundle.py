@@ -1,0 +1,104 @@
+"""The :class:`Bundle`: one trained task in memory, saved to and loaded from a bundle directory."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from stadapter.bundle.config import check_labels, read_config, read_json
+from stadapter.bundle.format import (
+    CARD,
+    CONFIG,
+    FORMAT_VERSION,
+    LABELS,
+    METRICS,
+    TENSORS,
+    verify_bundle,
+    write_manifest,
+)
+from stadapter.config import AdapterConfig, TaskSpec, dumps
+from stadapter.errors import BundleError
+from stadapter.fsio import publish_dir
+
+
+@dataclass
+class Bundle:
+    task: str
+    adapter: AdapterConfig
+    spec: TaskSpec
+    backbone: dict[str, Any]  # spec, weights, fingerprint, image_size, mean, std
+    labels: list[str]
+    tensors: dict[str, torch.Tensor]
+    metrics: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. training recipe, data description
+
+    def __post_init__(self) -> None:
+        check_labels(self.labels, self.adapter.num_classes, f"bundle {self.task!r}")
+        head = self.tensors.get("head.weight")
+        if head is not None and head.shape[0] != len(self.labels):
+            raise BundleError(f"bundle {self.task!r}: head has {head.shape[0]} rows for {len(self.labels)} labels")
+
+    # -- writing -----------------------------------------------------------------------------------
+    def config_dict(self) -> dict[str, Any]:
+        return {"format_version": FORMAT_VERSION, "task": self.task, "adapter": self.adapter.to_dict(),
+                "spec": self.spec.to_dict(), "backbone": self.backbone, "extra": self.extra}
+
+    def save(self, directory: str | Path, card: str | None = None) -> Path:
+        """Write the bundle into ``directory`` (created; must be empty or absent). Files are written to a
+        temporary sibling, fsynced, then renamed into place, so a killed process leaves no half bundle."""
+        directory = Path(directory)
+        if directory.exists() and any(directory.iterdir()):
+            raise BundleError(f"bundle directory {directory} is not empty")
+        return publish_dir(directory, lambda staging: self._write(staging, card))
+
+    def _write(self, directory: Path, card: str | None) -> None:
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.tensors.items()}
+        save_file(tensors, str(directory / TENSORS),
+                  metadata={"format": "stadapter-bundle", "format_version": str(FORMAT_VERSION)})
+        (directory / CONFIG).write_text(dumps(self.config_dict()))
+        (directory / LABELS).write_text(json.dumps(self.labels, indent=1, ensure_ascii=False) + "\n")
+        (directory / CARD).write_text(card if card is not None else default_card(self))
+        if self.metrics is not None:
+            (directory / METRICS).write_text(json.dumps(self.metrics, indent=2, sort_keys=True) + "\n")
+        write_manifest(directory)
+
+    # -- reading -----------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, directory: str | Path, verify: bool = True) -> Bundle:
+        """Load a bundle directory; with ``verify``, every file is first checked against the manifest."""
+        directory = Path(directory)
+        where = f"bundle {directory}"
+        if not directory.is_dir():
+            raise BundleError(f"bundle directory {directory} does not exist")
+        if verify:
+            verify_bundle(directory)
+        parsed = read_config(directory, where)
+        metrics = read_json(directory, METRICS, where) if (directory / METRICS).exists() else None
+        try:
+            tensors = load_file(str(directory / TENSORS))
+        except (OSError, SafetensorError) as e:
+            raise BundleError(f"{where}: cannot read {TENSORS}: {e}") from e
+        return cls(task=parsed.task, adapter=parsed.adapter, spec=parsed.spec, backbone=parsed.backbone,
+                   labels=list(parsed.labels), tensors=tensors, metrics=metrics, extra=parsed.extra)
+
+    def check_backbone(self, fingerprint: str, spec: str = "") -> None:
+        """Refuse a backbone other than the one this bundle was trained on, naming both."""
+        mine = self.backbone.get("fingerprint")
+        if mine != fingerprint:
+            raise BundleError(
+                f"bundle {self.task!r} was trained on backbone {self.backbone.get('spec')} "
+                f"(weights {self.backbone.get('weights')}, fingerprint {mine}), but the running backbone is "
+                f"{spec or '?'} (fingerprint {fingerprint})")
+
+
+def default_card(bundle: Bundle) -> str:
+    """A short model card; the Hub module writes the full one with YAML metadata."""
+    return (f"# {bundle.task}\n\nAn ST-Adapter bundle for stadapter: {bundle.adapter.method}, "
+            f"{bundle.adapter.num_classes} classes, {bundle.spec.num_frames} frames, backbone "
+            f"`{bundle.backbone.get('spec')}`.\n")

@@ -357,11 +357,7 @@ class PeakRSS:
 def run_method(task_dir: str, method: str, run: Run, s: Settings, out: str) -> dict:
     """Train one method on one task through the product's own train/eval code; runs in a fresh process."""
     torch.set_num_threads(s.threads)
-    from stadapter.bundle import Bundle
-    from stadapter.model.video_vit import VideoViT
-    from stadapter.training.api import prepare_backbone, resolve_recipe, train_task
-    from stadapter.training.data import ClipSource
-    from stadapter.training.evaluate import evaluate
+    from stadapter.training.api import evaluate_task, resolve_recipe, train_task
     from stadapter.video.datasets import load_annotations
 
     root = Path(task_dir)
@@ -387,12 +383,8 @@ def run_method(task_dir: str, method: str, run: Run, s: Settings, out: str) -> d
                              progress=False)
     peak = mem.peak - mem.start
     t0 = time.monotonic()  # evaluate the saved bundle, as `stadapter eval --bundle` does
-    b = Bundle.load(outcome.bundle_dir)
-    bb = prepare_backbone(b.backbone["spec"], b.backbone.get("weights"), torch.device("cpu"), amp=False)
-    b.check_backbone(bb.fingerprint(), str(bb.spec))
-    model = VideoViT(bb, b.adapter, b.spec.num_frames).eval()
-    src = ClipSource(va.samples, b.spec, bb.image_size, bb.mean, bb.std)
-    m = evaluate(model, b.tensors, src, b.labels, log=lambda msg: print(msg, file=sys.stderr))
+    m = evaluate_task(root / "val.txt", bundle_dir=outcome.bundle_dir, device="cpu", amp=False,
+                      log=lambda msg: print(msg, file=sys.stderr)).metrics
     return {"method": method, "top1": m["top1"], "per_class": m["per_class"], "confusion": m["confusion"],
             "trainable_params": outcome.trainable_params, "train_seconds": outcome.seconds,
             "eval_seconds": time.monotonic() - t0, "peak_rss_mb": peak, "steps": run.steps, "batch": run.batch,

@@ -102,6 +102,11 @@ def run_demo(out: Path, settings: DemoSettings | None = None, register: bool = F
 
     from stadapter.video.synthetic import CLASSES, DEFAULT_MOTION, SynthSet, generate
 
+    if register and (registry is None or isinstance(registry, str)):
+        from stadapter.registry import open_registry
+
+        with open_registry(registry) as reg:  # a bad database fails here, before minutes of training
+            return run_demo(out, settings, register, reg, log, progress)
     s = settings or DemoSettings()
     start = time.monotonic()
     data = out / "data"

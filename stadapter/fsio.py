@@ -1,6 +1,7 @@
 """Durable file helpers shared by the bundle format, the registry's blob store and the Hub client (no torch).
 
-    sha256_file(path)                  hex digest of a file, read in chunks
+    open_regular(path)                 open a regular file for reading, never through a symlink (O_NOFOLLOW)
+    sha256_file(path)                  hex digest of a regular file, read in chunks (never through a symlink)
     copy_hashing(source, dst)          copy a file into an open binary file, hashing the bytes on the way
     fsync_file(path), fsync_dir(path)  make a file's bytes, or a rename inside a directory, durable
     publish_dir(dest, write)           build a directory next to ``dest`` and rename it into place, so a
@@ -9,9 +10,11 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,8 +23,22 @@ from typing import BinaryIO
 CHUNK = 1 << 20
 
 
+def open_regular(path: Path) -> BinaryIO:
+    """``path`` opened for reading in binary mode when it is a regular file. A symlink (even to a regular file)
+    raises OSError(ELOOP), a directory, FIFO or device OSError(EINVAL); opening never blocks on a FIFO."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _blocks(path: Path) -> Iterator[bytes]:
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         while block := f.read(CHUNK):
             yield block
 
@@ -35,7 +52,8 @@ def sha256_file(path: Path) -> str:
 
 
 def copy_hashing(source: Path, dst: BinaryIO) -> tuple[str, int]:
-    """Copy ``source`` into ``dst``; returns (hex sha256, byte count) of the bytes actually copied."""
+    """Copy the regular file ``source`` (never through a symlink) into ``dst``; returns (hex sha256, byte count)
+    of the bytes actually copied."""
     digest = hashlib.sha256()
     copied = 0
     for block in _blocks(source):
@@ -102,4 +120,4 @@ def publish_dir(dest: Path, write: Callable[[Path], None], *, sync_files: bool =
     return dest
 
 
-__all__ = ["CHUNK", "copy_hashing", "fsync_dir", "fsync_file", "publish_dir", "sha256_file"]
+__all__ = ["CHUNK", "copy_hashing", "fsync_dir", "fsync_file", "open_regular", "publish_dir", "sha256_file"]

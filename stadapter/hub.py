@@ -30,7 +30,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,10 +40,10 @@ from stadapter import __version__
 from stadapter.bundle import (
     MANIFEST,
     PICKLE_SUFFIXES,
+    check_bundle,
     check_content,
     check_file_names,
     load_manifest,
-    read_config,
     sha256_file,
     verify_bundle,
 )
@@ -563,7 +562,9 @@ def pull(repo: str, revision: str | None = None, *, endpoint: str | None = None,
     The revision is resolved to one commit first and only that commit is read. Refused, naming the file, with
     ``dest`` left untouched: pickles, files not in the manifest, a manifest of another format version, a
     missing listed file, a file whose size or sha256 differs from the manifest, content that does not fit
-    the file name. With HF_HUB_OFFLINE=1 the revision and files come from the local cache only.
+    the file name, and whatever ``stadapter.bundle.check_bundle`` refuses (config, labels, tensors); refused
+    content is removed from the Hub cache. With HF_HUB_OFFLINE=1 the revision and files come from the local
+    cache only.
 
     commit: the sha ``revision`` was already resolved to (by :func:`resolve_revision`), to pin exactly that
     commit even if the revision moves in between."""
@@ -587,8 +588,12 @@ def pull(repo: str, revision: str | None = None, *, endpoint: str | None = None,
     if remote is not None:
         _check_remote_names(where, remote)
     manifest_path = hub.download(repo, MANIFEST, commit, cache, offline)
-    listed: dict[str, dict[str, Any]] = load_manifest(manifest_path, where)["files"]  # names, sizes, digests
-    check_file_names(set(listed), f"{where} {MANIFEST}")
+    try:
+        listed: dict[str, dict[str, Any]] = load_manifest(manifest_path.resolve(), where)["files"]
+        check_file_names(set(listed), f"{where} {MANIFEST}")
+    except BundleError:
+        _forget(manifest_path)
+        raise
     if remote is not None:
         _check_remote_names(where, remote, set(listed))
 
@@ -598,14 +603,21 @@ def pull(repo: str, revision: str | None = None, *, endpoint: str | None = None,
             return PullResult(repo, revision, commit, dest, listed, offline)
         raise BundleError(f"{dest} exists and is not an empty directory")
 
+    downloaded = [manifest_path]
+
     def stage(staging: Path) -> None:
         for name, entry in sorted(listed.items()):
-            _copy_verified(hub.download(repo, name, commit, cache, offline), name, entry, staging, where)
-        shutil.copyfile(manifest_path, staging / MANIFEST)
-        verify_bundle(staging, where)  # the staged copy, once more, as the registry will see it
-        read_config(staging, where)  # config and labels, as the registry will parse them
+            downloaded.append(hub.download(repo, name, commit, cache, offline))
+            _copy_verified(downloaded[-1], name, entry, staging, where)
+        shutil.copyfile(manifest_path.resolve(), staging / MANIFEST)
+        check_bundle(staging, where)  # the staged copy, checked completely, as the registry will see it
 
-    publish_dir(dest, stage)
+    try:
+        publish_dir(dest, stage)
+    except BundleError:
+        for path in downloaded:  # refused content does not linger in the Hub cache
+            _forget(path)
+        raise
     if not offline:
         _remember_ref(cache, repo, revision, commit)
     return PullResult(repo, revision, commit, dest, listed, offline)
@@ -641,15 +653,17 @@ def _same_bundle(directory: Path, manifest_path: Path) -> bool:
 
 def _copy_verified(path: Path, name: str, entry: dict[str, Any], staging: Path, where: str) -> None:
     """Copy the downloaded file ``path`` into ``staging`` once its size, sha256 and content fit the manifest
-    ``entry``; a file that does not is dropped from the cache, so a later pull downloads it again."""
-    size = path.stat().st_size
-    if size != entry["size"] or sha256_file(path) != entry["sha256"]:
+    ``entry``; a file that does not is dropped from the cache, so a later pull downloads it again. ``path`` is
+    the cache's snapshot link: the blob it points to (in the cache) is what is read."""
+    blob = path.resolve()
+    size = blob.stat().st_size
+    if size != entry["size"] or sha256_file(blob) != entry["sha256"]:
         _forget(path)
         sizes = f"; {size} bytes, {entry['size']} expected" if size != entry["size"] else ""
         raise BundleError(f"{where}: {name} does not match its sha256 in the manifest (changed on the Hub or "
                           f"corrupt{sizes}); nothing was pulled")
-    check_content(path, name, where)
-    shutil.copyfile(path, staging / name)
+    check_content(blob, name, where)
+    shutil.copyfile(blob, staging / name)
 
 
 # -- registry versions -----------------------------------------------------------------------------------
@@ -693,8 +707,10 @@ def push_version(registry: Registry, ref: str | VersionInfo, repo: str, *, endpo
     check_repo_id(repo)
     info = registry.resolve(ref) if isinstance(ref, str) else ref
     tag = f"v{info.version}"
-    with tempfile.TemporaryDirectory(prefix="stadapter-push-") as tmp:
-        path = registry.materialize(info, dest=Path(tmp) / "bundle")
+    from stadapter.registry.leftovers import work_dir
+
+    with work_dir(registry.home, "push") as tmp:  # under $STADAPTER_HOME, where `gc` finds a killed push's
+        path = registry.materialize(info, dest=tmp / "bundle")
         bundle = Bundle.load(path, verify=False)  # materialize() checked every file's sha256
         bundle.task = info.task
         (path / CARD).write_text(render_card(bundle, repo=repo, version=info.version))
@@ -720,8 +736,10 @@ def pull_version(registry: Registry, repo: str, revision: str | None = None, *, 
     existing = registry.find_by_source(repo, commit, task)
     if existing is not None:
         return VersionPull(existing, repo, revision, commit, registered=False)
-    with tempfile.TemporaryDirectory(prefix="stadapter-pull-") as tmp:
-        result = pull(repo, revision, commit=commit, endpoint=endpoint, token=token, dest=Path(tmp) / "bundle",
+    from stadapter.registry.leftovers import work_dir
+
+    with work_dir(registry.home, "pull") as tmp:  # under $STADAPTER_HOME, where `gc` finds a killed pull's
+        result = pull(repo, revision, commit=commit, endpoint=endpoint, token=token, dest=tmp / "bundle",
                       timeout=timeout)
         source = {"kind": "hub", "repo": repo, "commit": result.commit, "revision": revision}
         if revision.startswith("v") and revision[1:].isdigit():

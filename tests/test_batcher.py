@@ -251,3 +251,26 @@ def test_submit_before_start_and_on_a_full_queue():
     finally:
         gate.set()
         b.stop(10)
+
+
+class BrokenViews:
+    """Views whose shape cannot be read: gathering a batch with this job fails outside the forward."""
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        raise RuntimeError("broken views")
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the worker dies, on purpose
+def test_a_failure_while_gathering_answers_every_claimed_job(started):
+    engine = FakeEngine()
+    b = started(engine, max_wait_ms=500)
+    good = job(1)
+    bad = Job([(BrokenViews(), FakeTask("task0"))], future=CountingFuture())  # type: ignore[list-item]
+    b.submit(good)
+    b.submit(bad)
+    results = answers([good, bad])
+    assert all(isinstance(r, (NotReady, torch.Tensor, list)) for r in results)
+    assert isinstance(results[1], NotReady)
+    assert_answered_once([good, bad])
+    assert not b.ready  # the worker is gone, and says so instead of leaving requests waiting

@@ -271,3 +271,25 @@ def test_assert_all_rows_intact_helper(reg, tmp_path):
     reg.register(make_bundle(tmp_path / "a", task="k400"))
     reg.register(make_bundle(tmp_path / "b", task="k400", seed=1))
     assert assert_all_rows_intact(reg, tmp_path / "scratch") == {"k400": [1, 2]}
+
+
+def test_a_missing_table_is_a_schema_error_and_a_gone_database_is_unavailable(tmp_path):
+    from sqlalchemy import text
+
+    from stadapter.errors import RegistryUnavailable
+
+    with open_registry(f"sqlite:///{tmp_path / 'r.db'}", home=tmp_path, upgrade=True) as reg:
+        reg.register(make_bundle(tmp_path / "b", task="k400"))
+        with reg.engine.begin() as c:
+            c.execute(text("DROP TABLE aliases"))
+        with pytest.raises(RegistryError, match="newest schema") as e:
+            reg.resolve("k400")
+        assert not isinstance(e.value, RegistryUnavailable)  # a server answers 404/500, not "retry later"
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    with open_registry(f"sqlite:///{gone / 'r.db'}", home=tmp_path, upgrade=True) as reg:
+        reg.register(make_bundle(tmp_path / "c", task="k400"))
+        reg.engine.dispose()
+        gone.rename(tmp_path / "moved")  # the database's folder is gone: SQLite cannot open the file
+        with pytest.raises(RegistryUnavailable, match="unable to open"):
+            reg.resolve("k400")

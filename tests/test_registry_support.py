@@ -89,9 +89,9 @@ def reg(db_url, tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
 
 def make_bundle(directory: Path, task: str = "demo", seed: int = 0, fingerprint: str = "fp-a",
                 num_classes: int = 3, metrics: dict | None = None, numel: int = 8, **extra) -> Path:
-    """A small, valid bundle directory with random (seeded) tensors."""
+    """A small, valid bundle directory with random (seeded) tensors: a linear probe (head tensors only)."""
     g = torch.Generator().manual_seed(seed)
-    Bundle(task=task, adapter=AdapterConfig(num_classes=num_classes, width=4), spec=TaskSpec(),
+    Bundle(task=task, adapter=AdapterConfig(num_classes=num_classes, width=4, method="linear-probe"), spec=TaskSpec(),
            backbone={"spec": "tiny", "weights": "none", "fingerprint": fingerprint},
            labels=[f"class{i}" for i in range(num_classes)],
            tensors={"head.weight": torch.randn(num_classes, numel, generator=g),

@@ -27,7 +27,7 @@ import uvicorn
 from stadapter.config import TaskSpec
 from stadapter.registry import open_registry
 from stadapter.runtime.engine import Engine
-from stadapter.runtime.server import ServerConfig, create_app
+from stadapter.runtime.server import ServerConfig, create_app, uvicorn_config
 from test_registry_support import _pg_admin
 from test_runtime_support import register, write_clip
 
@@ -44,8 +44,9 @@ TASKS = {  # name -> (layout, spec)
 
 class ServerThread:
     def __init__(self, app) -> None:
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                                    timeout_graceful_shutdown=10))
+        # the server's own uvicorn settings (header deadline, keep-alive, connection limit)
+        self.server = uvicorn.Server(uvicorn_config(app, app.state.config, "127.0.0.1", 0, log_level="warning",
+                                                    graceful_timeout_s=10))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> ServerThread:

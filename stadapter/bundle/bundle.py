@@ -19,9 +19,9 @@ from stadapter.bundle.format import (
     LABELS,
     METRICS,
     TENSORS,
-    verify_bundle,
     write_manifest,
 )
+from stadapter.bundle.validate import check_bundle
 from stadapter.config import AdapterConfig, TaskSpec, dumps
 from stadapter.errors import BundleError
 from stadapter.fsio import publish_dir
@@ -71,14 +71,14 @@ class Bundle:
     # -- reading -----------------------------------------------------------------------------------
     @classmethod
     def load(cls, directory: str | Path, verify: bool = True) -> Bundle:
-        """Load a bundle directory; with ``verify``, every file is first checked against the manifest."""
+        """Load a bundle directory; with ``verify``, the directory is first checked completely (every file
+        against the manifest, regular files only, config, labels, tensor names, shapes and values: see
+        :func:`~stadapter.bundle.validate.check_bundle`)."""
         directory = Path(directory)
         where = f"bundle {directory}"
         if not directory.is_dir():
             raise BundleError(f"bundle directory {directory} does not exist")
-        if verify:
-            verify_bundle(directory)
-        parsed = read_config(directory, where)
+        parsed = check_bundle(directory, where).parsed if verify else read_config(directory, where)
         metrics = read_json(directory, METRICS, where) if (directory / METRICS).exists() else None
         try:
             tensors = load_file(str(directory / TENSORS))

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from stadapter.bundle.format import parse_json
 from stadapter.errors import BundleError
+from stadapter.fsio import open_regular
 
 MAX_HEADER_BYTES = 100 << 20
 DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
@@ -44,7 +46,7 @@ class SafetensorsHeader:
 def read_safetensors_header(path: Path) -> SafetensorsHeader:
     """The checked header of the safetensors file at ``path``; BundleError naming the file otherwise."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             return _parse_header(f, os.fstat(f.fileno()).st_size)
     except OSError as e:
         raise BundleError(f"{path}: cannot read ({e.strerror or e})") from e
@@ -64,6 +66,8 @@ def _parse_header(f: BinaryIO, size: int) -> SafetensorsHeader:
         raise BundleError(f"safetensors header of {n} bytes runs past the end of the file ({size} bytes)")
     try:
         header = json.loads(f.read(n))
+    except RecursionError:
+        raise BundleError("bad safetensors header (nested too deeply)") from None
     except ValueError as e:
         raise BundleError(f"bad safetensors header ({e})") from None
     if not isinstance(header, dict):
@@ -107,9 +111,17 @@ def is_pickle(head: bytes) -> bool:
 
 def check_content(path: Path, name: str, where: str) -> None:
     """Refuse a file whose bytes do not fit its name: a safetensors file with a valid header, JSON that
-    parses, UTF-8 text, a PNG; and no pickle (or torch zip) under any name."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+    parses (size and depth bounded), UTF-8 text, a PNG; and no pickle (or torch zip) under any name. The file
+    must be a regular file (never read through a symlink)."""
+    try:
+        _check_open_content(path, name, where)
+    except OSError as e:
+        raise BundleError(f"{where}: cannot read {name}: {e.strerror or e}") from None
+
+
+def _check_open_content(path: Path, name: str, where: str) -> None:
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
         head = f.read(16)
         f.seek(0)
         if name.endswith(".safetensors"):
@@ -123,9 +135,9 @@ def check_content(path: Path, name: str, where: str) -> None:
             raise BundleError(f"{where}: refusing {name}: it is a pickle")
         if name.endswith(".json"):
             try:
-                json.loads(f.read().decode("utf-8"))
-            except ValueError as e:
-                raise BundleError(f"{where}: refusing {name}: not valid JSON ({e})") from None
+                parse_json(f.read(size + 1).decode("utf-8"), f"{where}: refusing {name}", name)
+            except UnicodeDecodeError:
+                raise BundleError(f"{where}: refusing {name}: not UTF-8 text") from None
         elif name.endswith(".md"):
             try:
                 f.read().decode("utf-8")

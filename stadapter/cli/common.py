@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 
 from stadapter.errors import StadapterError
+from stadapter.video.decode import DecodeLimits
 
 console = Console()
 err_console = Console(stderr=True)
@@ -30,6 +31,19 @@ DbOpt = Annotated[str | None, typer.Option(
     "--db", envvar="STADAPTER_DB", show_default=False,
     help="Registry database: an SQLAlchemy URL or an SQLite file. Default: SQLite at $STADAPTER_HOME/registry.db.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N, or auto (CUDA when available).")]
+MaxPixelsOpt = Annotated[int, typer.Option(
+    "--max-pixels", min=1, help="Refuse clips whose frames have more pixels (width x height); checked from the "
+                                "headers before decoding.")]
+MaxFramesOpt = Annotated[int, typer.Option("--max-frames", min=1, help="Refuse clips with more frames.")]
+MaxSecondsOpt = Annotated[float, typer.Option("--max-seconds", min=0.001, help="Refuse longer clips (seconds).")]
+MaxDecodedMbOpt = Annotated[int, typer.Option(
+    "--max-decoded-mb", min=1, help="MiB of decoded RGB frames one clip may keep in memory.")]
+
+
+def decode_limits(max_pixels: int, max_frames: int, max_seconds: float, max_decoded_mb: int) -> DecodeLimits:
+    """The decode limit options as DecodeLimits."""
+    return DecodeLimits(max_pixels=max_pixels, max_frames=max_frames, max_seconds=max_seconds,
+                        max_decoded_bytes=max_decoded_mb << 20)
 
 
 def fail(message: str) -> None:

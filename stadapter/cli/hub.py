@@ -39,9 +39,11 @@ def push(
 
     The repo, commit and tag are recorded in the registry. An unchanged bundle makes no new commit; an existing
     tag is never moved."""
-    from stadapter.hub import push_version
-    from stadapter.registry import open_registry
+    from stadapter.hub import check_repo_id, push_version
+    from stadapter.registry import open_registry, parse_ref
 
+    parse_ref(ref)
+    check_repo_id(repo)  # both before the registry is opened
     with open_registry(db) as reg:
         pushed = push_version(reg, ref, repo, endpoint=endpoint, token=token, private=private, branch=branch,
                               timeout=timeout)
@@ -73,9 +75,13 @@ def pull(
     Every file is checked against the bundle's manifest (sha256 and size); pickles and unlisted files are
     refused. The version records its Hub source (repo, commit, revision) as lineage; pulling a commit that is
     already registered is a no-op. With HF_HUB_OFFLINE=1, revisions pulled once before come from the cache."""
-    from stadapter.hub import pull_version
+    from stadapter.hub import parse_repo_ref, pull_version
     from stadapter.registry import open_registry
+    from stadapter.registry.api import check_name
 
+    parse_repo_ref(target)
+    if task is not None:
+        check_name(task, "task")  # both before the registry is opened or anything is downloaded
     with open_registry(db) as reg:
         pulled = pull_version(reg, target, task=task, endpoint=endpoint, token=token, timeout=timeout)
     _report(pulled, as_json)

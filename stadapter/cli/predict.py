@@ -4,13 +4,26 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
-from stadapter.cli.common import DbOpt, DeviceOpt, JsonOpt, console, user_errors
+from stadapter.cli.common import (
+    DbOpt,
+    DeviceOpt,
+    JsonOpt,
+    MaxDecodedMbOpt,
+    MaxFramesOpt,
+    MaxPixelsOpt,
+    MaxSecondsOpt,
+    console,
+    decode_limits,
+    err_console,
+    user_errors,
+)
 from stadapter.errors import InputError
+from stadapter.video.decode import DEFAULT_LIMITS
 
 
 @user_errors
@@ -27,9 +40,15 @@ def predict(
     weights: Annotated[str | None, typer.Option(
         "--weights", "-w", help="Backbone weights: none, a local file, or a pretrained tag (default: the "
                                 "first task's).")] = None,
+    max_pixels: MaxPixelsOpt = DEFAULT_LIMITS.max_pixels,
+    max_frames: MaxFramesOpt = DEFAULT_LIMITS.max_frames,
+    max_seconds: MaxSecondsOpt = DEFAULT_LIMITS.max_seconds,
+    max_decoded_mb: MaxDecodedMbOpt = DEFAULT_LIMITS.max_decoded_bytes >> 20,
 ) -> None:
     """Top-k labels of each clip for each task. Each clip is decoded once; every task applies its own frame
-    sampler and test views (softmax averaged over views)."""
+    sampler and test views (softmax averaged over views). A clip that cannot be decoded, or is over the decode
+    limits, gets one error line (an "error" entry with --json); the other clips are still answered, and the
+    exit code is 1."""
     from stadapter.registry import open_registry
     from stadapter.runtime.predict import predict_files
 
@@ -39,11 +58,28 @@ def predict(
     if len(set(refs)) != len(refs):
         raise InputError(f"--task repeats a task: {task}")
     with open_registry(db) as reg:
-        found = predict_files(reg, clips, refs, k=top_k, device=device, backbone=backbone, weights=weights)
+        found = predict_files(reg, clips, refs, k=top_k, device=device, backbone=backbone, weights=weights,
+                              limits=decode_limits(max_pixels, max_frames, max_seconds, max_decoded_mb))
     if json_out:
         typer.echo(json.dumps(found.to_dict(), indent=2))
-        return
-    for r in found.results:
+        for message in found.errors:
+            print_error(message)
+    else:
+        print_tables(found.results)
+    if found.errors:
+        raise typer.Exit(1)
+
+
+def print_error(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+
+
+def print_tables(results: list[dict[str, Any]]) -> None:
+    """One table per answered clip, in order; one ``error: ...`` line (stderr) per clip that failed."""
+    for r in results:
+        if "error" in r:
+            print_error(r["error"])
+            continue
         table = Table(title=r["clip"], title_justify="left", show_lines=False)
         table.add_column("task")
         table.add_column("#", justify="right")

@@ -25,6 +25,18 @@ def _open(db: str | None):  # type: ignore[no-untyped-def]
     return open_registry(db)
 
 
+def _check_names(*, ref: str | None = None, task: str | None = None, alias: str | None = None) -> None:
+    """Refuse a malformed reference, task or alias name (the registry's rule) before any work is done."""
+    from stadapter.registry.api import check_name, parse_ref
+
+    if ref is not None:
+        parse_ref(ref)
+    if task is not None:
+        check_name(task, "task")
+    if alias is not None:
+        check_name(alias, "alias")
+
+
 # -- db -------------------------------------------------------------------------------------------------
 
 def _engine(db: str | None):  # type: ignore[no-untyped-def]
@@ -116,6 +128,7 @@ def _metrics(metrics: dict[str, Any] | None) -> str:
 def ls(task: Annotated[str | None, typer.Argument(help="List this task's versions.", show_default=False)] = None,
        db: DbOpt = None, as_json: JsonOpt = False) -> None:
     """Tasks with their versions, aliases and latest metrics; or one task's versions."""
+    _check_names(task=task)
     with _open(db) as reg:
         if task is None:
             tasks = reg.list_tasks()
@@ -149,6 +162,7 @@ def ls(task: Annotated[str | None, typer.Argument(help="List this task's version
 @user_errors
 def show(ref: RefArg, db: DbOpt = None, as_json: JsonOpt = False) -> None:
     """One version: backbone, labels, metrics, files, lineage, Hub location."""
+    _check_names(ref=ref)
     with _open(db) as reg:
         info = reg.resolve(ref)
     if as_json:
@@ -186,6 +200,7 @@ def alias_set(task: Annotated[str, typer.Argument(show_default=False)],
               version: Annotated[int, typer.Argument(help="The version number.", show_default=False)],
               db: DbOpt = None) -> None:
     """Point TASK@NAME at VERSION."""
+    _check_names(task=task, alias=name)
     with _open(db) as reg:
         info = reg.set_alias(task, name, version)
     console.print(f"{task}@{name} -> {info.ref}", highlight=False)
@@ -196,6 +211,7 @@ def alias_set(task: Annotated[str, typer.Argument(show_default=False)],
 def alias_rm(task: Annotated[str, typer.Argument(show_default=False)],
              name: Annotated[str, typer.Argument(show_default=False)], db: DbOpt = None) -> None:
     """Remove the alias TASK@NAME (the version stays)."""
+    _check_names(task=task, alias=name)
     with _open(db) as reg:
         reg.remove_alias(task, name)
     console.print(f"removed {task}@{name}", highlight=False)
@@ -223,6 +239,7 @@ def export(ref: RefArg, directory: Annotated[Path, typer.Argument(help="Destinat
                                                                   show_default=False)],
            db: DbOpt = None) -> None:
     """Write a version's bundle directory (every file checked against its sha256)."""
+    _check_names(ref=ref)
     with _open(db) as reg:
         info = reg.resolve(ref)
         reg.materialize(info, directory)
@@ -235,6 +252,7 @@ def import_(directory: Annotated[Path, typer.Argument(help="A bundle directory."
                                                      "(default: the one in its config.json).")] = None,
             db: DbOpt = None, as_json: JsonOpt = False) -> None:
     """Register a bundle directory as the next version of its task."""
+    _check_names(task=task)
     with _open(db) as reg:
         info = reg.register(directory, task=task, source={"kind": "import", "path": str(directory.resolve())})
     if as_json:
@@ -244,10 +262,16 @@ def import_(directory: Annotated[Path, typer.Argument(help="A bundle directory."
 
 
 @user_errors
-def gc(db: DbOpt = None) -> None:
-    """Delete blobs that no version references (and leftovers of interrupted registrations)."""
+def gc(db: DbOpt = None,
+       stale_after: Annotated[float | None, typer.Option(
+           "--stale-after", min=0, show_default=False,
+           help="Seconds a killed pull's or push's temporary folder must have been untouched before it is "
+                "removed. Default: one hour.")] = None) -> None:
+    """Delete blobs that no version references, leftovers of interrupted registrations, and the temporary
+    folders of killed pulls and pushes."""
     with _open(db) as reg:
-        removed, freed = reg.gc()
+        removed, freed = reg.gc(stale_after, on_leftover=lambda x: console.print(
+            f"removed stale {x.path} ({x.size:,} bytes)", highlight=False, soft_wrap=True))
     console.print(f"removed {removed} file(s), freed {freed:,} bytes", highlight=False)
 
 

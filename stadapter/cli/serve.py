@@ -2,12 +2,35 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from stadapter.cli.common import DbOpt, DeviceOpt, console, user_errors
+from stadapter.cli.common import (
+    DbOpt,
+    DeviceOpt,
+    MaxDecodedMbOpt,
+    MaxFramesOpt,
+    MaxPixelsOpt,
+    MaxSecondsOpt,
+    console,
+    decode_limits,
+    err_console,
+    user_errors,
+)
+from stadapter.video.decode import DEFAULT_LIMITS
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
 
 
 @user_errors
@@ -35,6 +58,26 @@ def serve(
                                              help="Seconds before task names and aliases are re-resolved.")] = 2.0,
     compile_mode: Annotated[str | None, typer.Option(
         "--compile", help="CUDA only: torch.compile mode (default, reduce-overhead, max-autotune).")] = None,
+    token: Annotated[str | None, typer.Option(
+        "--token", envvar="STADAPTER_TOKEN", show_default=False,
+        help="Bearer token every route but /healthz needs (Authorization: Bearer TOKEN); none: open.")] = None,
+    max_upload_mb: Annotated[int, typer.Option("--max-upload-mb", min=1,
+                                               help="Largest request body of an upload; beyond: 413.")] = 512,
+    body_timeout: Annotated[float, typer.Option(
+        "--body-timeout", min=0.001, help="Seconds for a request's whole body to arrive; beyond: 408.")] = 60.0,
+    header_timeout: Annotated[float, typer.Option(
+        "--header-timeout", min=0.001, help="Seconds for a request's headers to arrive; beyond: closed.")] = 10.0,
+    keep_alive: Annotated[int, typer.Option("--keep-alive", min=1,
+                                            help="Seconds an idle keep-alive connection stays open.")] = 5,
+    max_connections: Annotated[int, typer.Option("--max-connections", min=1,
+                                                 help="Open connections; a request beyond gets 503.")] = 1024,
+    max_pixels: MaxPixelsOpt = DEFAULT_LIMITS.max_pixels,
+    max_frames: MaxFramesOpt = DEFAULT_LIMITS.max_frames,
+    max_seconds: MaxSecondsOpt = DEFAULT_LIMITS.max_seconds,
+    max_decoded_mb: MaxDecodedMbOpt = DEFAULT_LIMITS.max_decoded_bytes >> 20,
+    decode_workers: Annotated[int, typer.Option("--decode-workers", min=1, help="Clips decoded at once.")] = 4,
+    decode_queue: Annotated[int, typer.Option(
+        "--decode-queue", min=0, help="Clips waiting for a decode slot; beyond: 429 before decoding.")] = 8,
     db: DbOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
@@ -47,7 +90,14 @@ def serve(
 
     preload = list(preload or [])
     config = ServerConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size,
-                          allowed_roots=list(allowed_root or []), preload=preload, request_timeout_s=request_timeout)
+                          allowed_roots=list(allowed_root or []), preload=preload, request_timeout_s=request_timeout,
+                          token=token or None, max_upload_bytes=max_upload_mb << 20, body_timeout_s=body_timeout,
+                          header_timeout_s=header_timeout, keep_alive_s=keep_alive, max_connections=max_connections,
+                          decode_limits=decode_limits(max_pixels, max_frames, max_seconds, max_decoded_mb),
+                          decode_workers=decode_workers, decode_queue=decode_queue)
+    if config.token is None and not is_loopback(host):
+        err_console.print(f"[bold yellow]warning:[/] serving on {host} without a token: anyone who can reach this "
+                          "address can use the API (set --token or STADAPTER_TOKEN)", highlight=False)
     reg = open_registry(db)
     engine = Engine.open(reg, backbone=backbone, weights=weights, tasks=preload, device=device,
                          max_resident=max_resident, alias_ttl=alias_ttl, compile=compile_mode)

@@ -84,9 +84,11 @@ def train(
 
     Works the same under `torchrun --nproc_per_node N` (DDP; gloo on CPU, nccl on GPU).
     """
+    from stadapter.registry.api import check_name
     from stadapter.training.api import resolve_recipe, train_task
     from stadapter.video.datasets import load_annotations
 
+    check_name(task, "task")  # before any work: the run folder runs/TASK must stay under runs/
     adapter: dict[str, Any] = {
         k: v for k, v in dict(method=method, width=width, kernel=_csv_ints(kernel, "--kernel"),
                               positions=tuple(positions.split(",")) if positions else None,

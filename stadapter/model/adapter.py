@@ -22,10 +22,6 @@ from torch import Tensor, nn
 
 from stadapter.config import ACTIVATIONS
 
-TENSOR_NAMES = ("fc1.weight", "fc1.bias", "conv.weight", "conv.bias", "fc2.weight", "fc2.bias")
-CONV_NAMES = ("conv.weight", "conv.bias")
-BOTTLENECK_NAMES = tuple(n for n in TENSOR_NAMES if n not in CONV_NAMES)  # the plain adapter (no conv)
-
 
 def _quick_gelu(x: Tensor) -> Tensor:
     return x * torch.sigmoid(1.702 * x)

@@ -26,9 +26,10 @@ from torch import Tensor, nn
 
 from stadapter.config import AdapterConfig
 from stadapter.errors import AdapterSetError, InputError
-from stadapter.model.adapter import BOTTLENECK_NAMES, TENSOR_NAMES, init_adapter_tensors, st_adapter
+from stadapter.model.adapter import init_adapter_tensors, st_adapter
 from stadapter.model.backbone import Backbone, swapped_parameters
 from stadapter.model.head import clip_features, head_logits
+from stadapter.model.layout import BACKBONE_PREFIX, set_shapes
 
 AdapterSet = dict[str, Tensor]
 SlotTensors = dict[tuple[int, str], dict[str, Tensor]]  # (block, position) -> that adapter's tensors
@@ -68,19 +69,10 @@ class VideoViT(nn.Module):
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every key an adapter set for this model must hold, with its shape."""
-        cfg, D, r = self.config, self.backbone.dim, self.config.width
-        shapes: dict[str, tuple[int, ...]] = {}
-        per_adapter = {"fc1.weight": (r, D), "fc1.bias": (r,), "fc2.weight": (D, r), "fc2.bias": (D,)}
-        if cfg.method == "st-adapter":
-            per_adapter |= {"conv.weight": (r, 1, *cfg.kernel), "conv.bias": (r,)}
-        for i, pos in self.slots():
-            for name in (TENSOR_NAMES if cfg.method == "st-adapter" else BOTTLENECK_NAMES):
-                shapes[f"adapters.{i}.{pos}.{name}"] = per_adapter[name]
+        shapes = set_shapes(self.config, self.backbone.dim, self.slots())
         params = dict(self.backbone.named_parameters())
         for name in self.trainable_backbone_names():
-            shapes[f"backbone.{name}"] = tuple(params[name].shape)
-        shapes["head.weight"] = (cfg.num_classes, D)
-        shapes["head.bias"] = (cfg.num_classes,)
+            shapes[f"{BACKBONE_PREFIX}{name}"] = tuple(params[name].shape)
         return shapes
 
     def init_adapter_set(self, generator: torch.Generator | None = None) -> AdapterSet:

@@ -6,7 +6,8 @@ bundle directories, and keep aliases, tags, Hub locations and lineage.
     reg.set_alias("ssv2", "production", 4)
     bundle = reg.load_bundle("ssv2")              # production, else the latest version; files verified
 
-A registration first verifies the bundle directory against its manifest, then publishes every file into the
+A registration first checks the bundle directory completely (``stadapter.bundle.check_bundle``: manifest,
+regular files only, sizes, JSON schema, labels, tensor names, shapes and values), then publishes every file into the
 content-addressed blob store (``store.py``), and only then commits the database row, in a transaction that
 allocates the next version number under a lock (a row lock on the task in PostgreSQL, BEGIN IMMEDIATE in
 SQLite). A process killed at any point leaves either no row, or a row whose files are all complete.
@@ -29,19 +30,12 @@ from sqlalchemy import CursorResult, Engine, Result, delete, func, select, updat
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, selectinload
 
-from stadapter.bundle import (
-    CONFIG,
-    LABELS,
-    MANIFEST,
-    METRICS,
-    BundleConfig,
-    parse_config,
-    parse_manifest,
-    verify_bundle,
-)
+from stadapter.bundle.format import MANIFEST, shown, unsafe_names
+from stadapter.bundle.validate import check_bundle
 from stadapter.errors import BackboneError, BundleError, RegistryError, RegistryUnavailable
 from stadapter.fsio import publish_dir
 from stadapter.registry import db as dbm
+from stadapter.registry.leftovers import STALE_AFTER_S, Leftover, remove_stale
 from stadapter.registry.models import AdapterVersion, Alias, Backbone, Tag, Task, utcnow
 from stadapter.registry.store import BlobStore, remove_tree
 
@@ -50,6 +44,7 @@ if TYPE_CHECKING:
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 PRODUCTION = "production"
+SCHEMA_ERROR_RE = re.compile(r"no such (table|column)|has no column named", re.IGNORECASE)
 T = TypeVar("T")
 
 
@@ -190,7 +185,7 @@ class Registry:
         except OperationalError as e:
             if _transient(e):
                 raise
-            raise RegistryUnavailable(f"registry database {dbm.redact(self.url)}: {_first_line(e.orig)}") from e
+            raise self._database_error(e) from e
 
     def _retry(self, fn: Callable[[], T], attempts: int = 8, integrity: bool = False) -> T:
         """Run a transaction function again after a transient failure (and, with ``integrity``, after a
@@ -202,11 +197,18 @@ class Registry:
                 again = _transient(e) or (integrity and isinstance(e, IntegrityError))
                 if not again or i == attempts - 1:
                     if isinstance(e, OperationalError):
-                        raise RegistryUnavailable(f"registry database {dbm.redact(self.url)}: "
-                                                  f"{_first_line(e.orig)}") from e
+                        raise self._database_error(e) from e
                     raise
                 time.sleep(0.05 * (i + 1))
         raise AssertionError("unreachable")
+
+    def _database_error(self, e: OperationalError) -> RegistryError:
+        """A database failure as the user's error: RegistryError for a schema that lacks a table or column
+        (run ``stadapter db upgrade``), RegistryUnavailable for everything else (unreachable, gone, I/O)."""
+        message = f"registry database {dbm.redact(self.url)}: {_first_line(e.orig)}"
+        if SCHEMA_ERROR_RE.search(str(e.orig)):
+            return RegistryError(f"{message}; is it at the newest schema? (stadapter db upgrade)")
+        return RegistryUnavailable(message)
 
     # -- registering -------------------------------------------------------------------------------------
     def register(self, bundle_dir: Path, *, task: str | None = None, source: dict[str, Any] | None = None,
@@ -219,7 +221,7 @@ class Registry:
         trained from. data: a description of the training data (default: the config's ``extra.data``).
         """
         bundle_dir = Path(bundle_dir)
-        checked = _check_bundle(bundle_dir)  # a bad bundle is refused here: no blob written, no version number
+        checked = check_bundle(bundle_dir)  # a bad bundle is refused here: no blob written, no version number
         files, config, labels, metrics = checked.files, checked.config, checked.labels, checked.metrics
         name = check_name(task or checked.parsed.task, "task")
         backbone, fingerprint, extra = checked.parsed.backbone, checked.parsed.fingerprint, checked.parsed.extra
@@ -355,8 +357,10 @@ class Registry:
 
         Without ``dest``: a cache directory under ``$STADAPTER_HOME/bundles`` (read-only hard links to the
         blobs where possible), reused while its files stay intact. With ``dest`` (absent or empty): a
-        writable copy, e.g. to export or push."""
+        writable copy, e.g. to export or push. The file and task names read back from the database are
+        checked again before any path is built from them."""
         info = self._as_info(info)
+        _check_stored_names(info)
         if dest is not None:
             dest = Path(dest)
             if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
@@ -394,6 +398,7 @@ class Registry:
         return other if other.path(sha256).is_file() else self.blobs
 
     def _cache_dir(self, info: VersionInfo) -> Path:
+        check_name(info.task, "task")  # read back from the database: checked again before it names a path
         return self.cache / info.task / f"{info.version}-{_files_digest(info.files)}"
 
     def _intact(self, info: VersionInfo, directory: Path) -> bool:
@@ -535,9 +540,22 @@ class Registry:
 
         self._retry(write)
 
-    def gc(self) -> tuple[int, int]:
+    def gc(self, stale_after: float | None = None,
+           on_leftover: Callable[[Leftover], None] | None = None) -> tuple[int, int]:
         """Delete blobs no version references, stale temporary files, and cache directories of removed
-        versions. Returns (files removed, bytes freed). Waits for registrations in progress to commit."""
+        versions. Returns (files removed, bytes freed). Waits for registrations in progress to commit.
+
+        Also removes what killed pulls and pushes left under ``home`` (work folders, staging folders, partial
+        downloads: :mod:`stadapter.registry.leftovers`) once untouched for ``stale_after`` seconds (default
+        one hour), each counted as one removed file and passed to ``on_leftover``."""
+        leftovers = remove_stale(self.home, STALE_AFTER_S if stale_after is None else stale_after)
+        for leftover in leftovers:
+            if on_leftover is not None:
+                on_leftover(leftover)
+        removed, freed = self._collect()
+        return removed + len(leftovers), freed + sum(x.size for x in leftovers)
+
+    def _collect(self) -> tuple[int, int]:
         with self.blobs.collecting():
             with self._tx() as s:
                 rows = s.execute(select(Task.name, AdapterVersion.version, AdapterVersion.files)
@@ -636,45 +654,14 @@ def _ensure(s: Session, model: type, key: dict[str, Any], values: dict[str, Any]
     return int(row.id)
 
 
-@dataclass(frozen=True)
-class _CheckedBundle:
-    """A bundle directory's files as they will be registered, and its parsed config."""
-
-    files: dict[str, dict[str, Any]]  # name -> {"sha256", "size"}, the manifest included
-    config: dict[str, Any]
-    labels: list[str]
-    metrics: Any
-    parsed: BundleConfig
-
-
-def _check_bundle(bundle_dir: Path) -> _CheckedBundle:
-    """Verify every file of ``bundle_dir`` against its manifest and parse its config and labels (the same
-    checks as loading it), reading each JSON file once and checking it against the digest registered."""
-    where = f"bundle {bundle_dir}"
-    if not bundle_dir.is_dir():
-        raise BundleError(f"bundle directory {bundle_dir} does not exist")
-    listed: dict[str, dict[str, Any]] = verify_bundle(bundle_dir)["files"]
-    raw_manifest = (bundle_dir / MANIFEST).read_bytes()
-    if parse_manifest(raw_manifest, where)["files"] != listed:
-        raise BundleError(f"{where}: {MANIFEST} changed while it was being registered")
-    files = {name: {"sha256": e["sha256"], "size": e["size"]} for name, e in sorted(listed.items())}
-    files[MANIFEST] = {"sha256": hashlib.sha256(raw_manifest).hexdigest(), "size": len(raw_manifest)}
-    config = _read_json(bundle_dir, CONFIG, files)
-    labels = _read_json(bundle_dir, LABELS, files)
-    metrics = _read_json(bundle_dir, METRICS, files) if METRICS in files else None
-    parsed = parse_config(config, labels, where)
-    return _CheckedBundle(files, config, labels, metrics, parsed)
-
-
-def _read_json(directory: Path, name: str, files: dict[str, dict[str, Any]]) -> Any:
-    """A bundle JSON file, read once and checked against the sha256 it was registered with."""
-    raw = (directory / name).read_bytes()
-    if hashlib.sha256(raw).hexdigest() != files[name]["sha256"]:
-        raise BundleError(f"bundle {directory}: {name} changed while it was being registered")
-    try:
-        return json.loads(raw)
-    except ValueError as e:
-        raise BundleError(f"bundle {directory}: {name} is not valid JSON: {e}") from e
+def _check_stored_names(info: VersionInfo) -> None:
+    """Refuse a version whose task or file names, as the database holds them, could build a path outside its
+    directory (the same checks as at registration)."""
+    check_name(info.task, "task")
+    bad = unsafe_names(info.files.keys() - {MANIFEST})
+    if bad:
+        raise BundleError(f"{info.ref}: the registry lists unsafe file name(s) {shown(bad)}; refusing to "
+                          f"write them")
 
 
 def _files_digest(files: dict[str, dict[str, Any]]) -> str:

@@ -60,7 +60,10 @@ class BlobStore:
         tmp = Path(tmp_name)
         try:
             with os.fdopen(fd, "wb") as dst:
-                digest, written = copy_hashing(source, dst)
+                try:
+                    digest, written = copy_hashing(source, dst)  # a regular file only, never through a link
+                except OSError as e:
+                    raise BundleError(f"cannot register {source}: {e.strerror or e}") from None
                 dst.flush()
                 os.fsync(dst.fileno())
             if digest != sha256 or written != size:

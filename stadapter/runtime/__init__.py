@@ -8,5 +8,7 @@
     inputs.py    a clip decoded once into every task's own test views
     predict.py   top-k answers per task (one JSON shape for CLI and HTTP), and predict_files for the CLI
     batcher.py   dynamic batching in one worker thread that owns the model; failure isolation
-    server.py    the HTTP API (FastAPI): request parsing, status codes, metrics, the endpoints
+    uploads.py   request bodies read as they stream, under size and time limits; multipart uploads
+    httpguard.py the HTTP trust boundary: bearer token, header deadline, server paths out of error bodies
+    server.py    the HTTP API (FastAPI): status codes, metrics, the endpoints
 """

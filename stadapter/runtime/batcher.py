@@ -156,13 +156,23 @@ class Batcher:
             self._drain()
 
     def _gather(self) -> list[Job] | None:
-        """The next batch (its jobs claimed), or None once stopped with nothing queued."""
+        """The next batch (its jobs claimed), or None once stopped with nothing queued. A failure while
+        gathering answers the jobs claimed so far before it propagates."""
+        claimed: list[Job] = []
+        try:
+            return self._gather_into(claimed)
+        except BaseException:
+            _settle(claimed, lambda: NotReady("the server's worker stopped while batching this request"))
+            raise
+
+    def _gather_into(self, batch: list[Job]) -> list[Job] | None:
         first = self._next(0.05)
         while first is None:
             if self._stop.is_set() and self.queue.empty():
                 return None
             first = self._next(0.05)
-        batch, size = [first], first.size
+        batch.append(first)
+        size = first.size
         deadline = time.perf_counter() + self.max_wait_s
         while size < self.max_batch:
             left = deadline - time.perf_counter()
@@ -171,10 +181,10 @@ class Batcher:
             job = self._next(max(left, 0))
             if job is None:
                 break
+            batch.append(job)  # claimed: in the batch before anything about it is read
             if size + job.size > self.max_batch:
-                self._carry = job
+                self._carry = batch.pop()
                 break
-            batch.append(job)
             size += job.size
         return batch
 

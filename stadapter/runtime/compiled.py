@@ -25,8 +25,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from stadapter.model.adapter import BOTTLENECK_NAMES, TENSOR_NAMES, adapter_delta
+from stadapter.model.adapter import adapter_delta
 from stadapter.model.backbone import Backbone
+from stadapter.model.layout import BOTTLENECK_NAMES, TENSOR_NAMES
 from stadapter.runtime.pool import ResidentSet
 from stadapter.runtime.types import Segment, TaskHandle
 

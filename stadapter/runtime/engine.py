@@ -38,6 +38,7 @@ from stadapter.runtime.kernels import segment_hook
 from stadapter.runtime.pool import AdapterPool, ResidentSet, SetSource
 from stadapter.runtime.types import Registry, Segment, TaskHandle, segments_of
 from stadapter.training.metrics import average_views
+from stadapter.video.decode import DEFAULT_LIMITS, DecodeLimits
 
 if TYPE_CHECKING:
     from stadapter.registry.api import VersionInfo
@@ -296,12 +297,12 @@ class Engine:
             k += v
         return out
 
-    def clip_views(self, path: str | Path, handles: Sequence[TaskHandle]) -> list[Tensor]:
-        """Each task's test views of one clip, decoding the clip once."""
-        from stadapter.runtime.inputs import clip_views
+    def clip_views(self, path: str | Path, handles: Sequence[TaskHandle],
+                   limits: DecodeLimits = DEFAULT_LIMITS) -> list[Tensor]:
+        """Each task's test views of one clip, decoding the clip once (within ``limits``)."""
+        from stadapter.runtime.inputs import task_views
 
-        return clip_views(path, [h.spec for h in handles], self.backbone.image_size[0], self.backbone.mean,
-                          self.backbone.std)
+        return task_views(self, path, handles, limits)
 
 
 def _stat(path: Path) -> tuple[int, int, int, int]:

@@ -8,13 +8,13 @@ reads them by reference, so binding a resident set copies no tensor. Sets live i
             promoting one back is a single host-to-device copy
     store   the registry's verified files on local disk (``adapter.safetensors``)
 
-Loading from the store reads the safetensors file once: its header is parsed here and every tensor is a view
-into one buffer. On the CPU that buffer is a copy-on-write memory map of the (read-only, content-addressed)
-store file with its pages mapped up front, so a resident set costs exactly its tensor bytes, loading copies
-nothing, and several processes serving the same set share one copy in the page cache; ``mmap=False`` reads
-into private memory instead. On CUDA the file goes through a pinned host buffer (kept as the set's host-tier
-copy) and one host-to-device copy on a side stream; adapter tensors are then cast once to the compute dtype
-(the head stays float32, as the engine applies it to float32 features).
+Loading from the store reads the safetensors file once: its header is parsed by the bundle format
+(``bundle.read_safetensors_header``) and every tensor is a view into one buffer. On the CPU that buffer is a
+copy-on-write memory map of the (read-only, content-addressed) store file with its pages mapped up front, so a
+resident set costs exactly its tensor bytes, loading copies nothing, and several processes serving the same set
+share one copy in the page cache; ``mmap=False`` reads into private memory instead. On CUDA the file goes through a
+pinned host buffer (kept as the set's host-tier copy) and one host-to-device copy on a side stream; adapter tensors
+are then cast once to the compute dtype (the head stays float32, as the engine applies it to float32 features).
 
 Thread safety: ``get`` and ``prefetch`` may be called from any thread. A set being loaded is loaded once; other
 callers wait for it. Evicting a set only drops the pool's reference: a batch still holding it keeps it alive.
@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from stadapter.bundle import read_safetensors_header
+from stadapter.bundle import nonfinite_tensors, read_safetensors_header
 from stadapter.errors import BundleError
 from stadapter.model.video_vit import split_adapter_set
 
@@ -60,10 +60,18 @@ class TensorEntry:
     end: int
 
 
-def read_header(path: Path) -> tuple[int, dict[str, TensorEntry]]:
+def read_header(path: Path, check_values: bool = False) -> tuple[int, dict[str, TensorEntry]]:
     """(byte offset of the data region, {name: entry}) of a safetensors file, read by the bundle format's one
-    header reader (which checks every entry against the file's size)."""
+    header reader (which checks every entry against the file's size). With ``check_values``, a file holding a
+    NaN or an infinity is refused too (the bundle module's check, read from a memory map)."""
     header = read_safetensors_header(path)
+    if check_values:
+        try:
+            bad = nonfinite_tensors(path, header.data_offset, header.entries)
+        except OSError as err:
+            raise BundleError(f"{path}: cannot read ({err.strerror or err})") from None
+        if bad:
+            raise BundleError(f"{path}: tensor(s) {', '.join(bad[:4])} hold NaN or infinite values")
     entries = {}
     for name, e in header.entries.items():
         dtype = SAFETENSORS_DTYPES.get(e.dtype)
@@ -309,7 +317,7 @@ class AdapterPool:
 
     def _from_store(self, source: SetSource) -> ResidentSet:
         path = Path(source.locate())
-        offset, entries = read_header(path)
+        offset, entries = read_header(path, check_values=True)
         if self.cuda:
             raw = read_file(path, offset, pin=True)
             return self._to_device(source, raw, entries)

@@ -1,5 +1,6 @@
 """Predictions as users read them: each task's top-k labels for a clip, and :func:`predict_files`, what
-``stadapter predict`` does (one engine, every clip decoded once, each task's own test views).
+``stadapter predict`` does (one engine, every clip decoded once within its decode limits, each task's own test
+views; a clip that cannot be decoded gets an error entry and the others are still answered).
 
 The JSON shape of one clip's answer is the same here and in the HTTP API (``runtime/server.py``):
 
@@ -15,7 +16,9 @@ from typing import Any
 
 from torch import Tensor
 
+from stadapter.errors import DecodeError
 from stadapter.runtime.types import Registry, TaskHandle
+from stadapter.video.decode import DEFAULT_LIMITS, DecodeLimits
 
 
 def top_k(probs: Tensor, labels: Sequence[str], k: int) -> list[tuple[str, float]]:
@@ -36,33 +39,45 @@ def task_results(handles: Sequence[TaskHandle], views: Sequence[Tensor], probs: 
 
 @dataclass(frozen=True)
 class FilePredictions:
-    """What :func:`predict_files` found: the device and backbone it ran on, and per clip
-    ``{"clip": path, "tasks": task_results(...)}``."""
+    """What :func:`predict_files` found: the device and backbone it ran on, and per clip, in the order given,
+    ``{"clip": path, "tasks": task_results(...)}`` or, for a clip that could not be decoded,
+    ``{"clip": path, "error": "<one line naming the clip>"}``."""
 
     device: str
     backbone: str
     results: list[dict[str, Any]]
+
+    @property
+    def errors(self) -> list[str]:
+        return [r["error"] for r in self.results if "error" in r]
 
     def to_dict(self) -> dict[str, Any]:
         return {"device": self.device, "backbone": self.backbone, "results": self.results}
 
 
 def predict_files(registry: Registry, clips: Sequence[Path], refs: Sequence[str], *, k: int = 5,
-                  device: str | None = "auto", backbone: str | None = None,
-                  weights: str | None = None) -> FilePredictions:
+                  device: str | None = "auto", backbone: str | None = None, weights: str | None = None,
+                  limits: DecodeLimits = DEFAULT_LIMITS) -> FilePredictions:
     """Top-k labels of each clip for each task in ``refs``, on one backbone (by default the one the first task
-    was trained on). Every clip is decoded once (a DecodeError names it) before any forward runs; every task
-    applies its own frame sampler and test views, softmax averaged over the views."""
+    was trained on). Every clip is decoded once, within ``limits``; every task applies its own frame sampler
+    and test views, softmax averaged over the views. A clip that cannot be decoded (DecodeError) gets an
+    ``error`` entry instead of ``tasks``; the other clips are still answered."""
     from stadapter.runtime.engine import Engine
+    from stadapter.runtime.inputs import task_views
 
     engine = Engine.open(registry, backbone=backbone, weights=weights, tasks=refs, device=device,
                          max_resident=max(len(refs), 1))
     try:
         handles = [engine.resolve(r) for r in refs]
-        decoded = [(clip, engine.clip_views(clip, handles)) for clip in clips]
-        results = [{"clip": str(clip), "tasks": task_results(handles, views, engine.predict(
-                       list(zip(views, handles, strict=True))), k)}
-                   for clip, views in decoded]
+        results: list[dict[str, Any]] = []
+        for clip in clips:
+            try:
+                views = task_views(engine, clip, handles, limits)
+            except DecodeError as e:
+                results.append({"clip": str(clip), "error": str(e)})
+                continue
+            probs = engine.predict(list(zip(views, handles, strict=True)))
+            results.append({"clip": str(clip), "tasks": task_results(handles, views, probs, k)})
         meta = engine.describe()
     finally:
         engine.close()

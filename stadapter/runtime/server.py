@@ -14,29 +14,41 @@ request's thread, so decoding overlaps the model) into each task's test views. T
 bounded queue (full: 429) and is answered by a batched forward. A request not answered within
 ``request_timeout_s`` of its arrival gets 504 (a job still queued is then skipped). On shutdown new requests get
 503 while queued and in-flight jobs are finished.
+
+The trust boundary (:mod:`stadapter.runtime.httpguard`, :mod:`stadapter.runtime.uploads`): request bodies are read
+as they stream, under a size limit (413 once it is passed, never after spooling the whole body) and a deadline
+for the whole body (408); request headers have their own deadline and connections are capped (uvicorn's
+``limit_concurrency``). An upload is stored under a fixed name in a private temp directory (its file name is only
+shown); a client that goes away mid-upload is logged at info level and counted in
+``stadapter_client_disconnects_total``, not answered as an error. Error details name no server path (the full
+message goes to the log). With a token, every route but ``/healthz`` needs ``Authorization: Bearer <token>``
+(401 otherwise; ``/readyz`` too, as it describes the backbone and its weights: give the probe the header).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import shutil
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 from torch import Tensor
 
 from stadapter import __version__
@@ -49,11 +61,19 @@ from stadapter.errors import (
     RegistryUnavailable,
     StadapterError,
 )
-from stadapter.registry import TaskInfo
+from stadapter.registry import Registry, TaskInfo
+from stadapter.registry.db import redact as redact_url
 from stadapter.runtime.batcher import Batcher, Job, NotReady, QueueFull
 from stadapter.runtime.engine import Engine
+from stadapter.runtime.httpguard import CLOSE, BearerAuth, HTTPProblem, Redactor, check_token, header_deadline_protocol
+from stadapter.runtime.inputs import DecodeBusy, DecodePool, task_views
 from stadapter.runtime.predict import task_results
 from stadapter.runtime.types import TaskHandle
+from stadapter.runtime.uploads import read_body, read_upload
+from stadapter.video.decode import DEFAULT_LIMITS, DecodeLimits
+
+if TYPE_CHECKING:
+    import uvicorn
 
 log = logging.getLogger("stadapter.server")
 
@@ -70,12 +90,32 @@ class ServerConfig:
     preload: Sequence[str] = ()  # tasks to make resident at start
     retry_after_s: int = 1
     request_timeout_s: float = 120.0  # from a request's arrival to its answer; beyond it: 504
+    token: str | None = None  # bearer token every route but OPEN_PATHS needs (None: no authentication)
+    body_timeout_s: float = 60.0  # the whole request body must arrive within this; beyond it: 408
+    header_timeout_s: float = 10.0  # request line and headers must arrive within this; beyond it: closed
+    keep_alive_s: int = 5  # an idle keep-alive connection is closed after this
+    max_connections: int = 1024  # open connections; a request beyond it gets 503 (uvicorn's limit_concurrency)
+    max_json_bytes: int = 1 << 20  # a JSON request body
+    decode_limits: DecodeLimits = DEFAULT_LIMITS  # per clip: frame size, frames, duration, decoded bytes
+    decode_workers: int = 4  # clips decoded at once
+    decode_queue: int = 8  # clips waiting for a decode slot; beyond it: 429 before any decoding
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.queue_size < 1 or self.max_wait_ms < 0:
             raise InputError("max_batch and queue_size must be >= 1 and max_wait_ms >= 0")
         if not self.request_timeout_s > 0:
             raise InputError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
+        if not (self.body_timeout_s > 0 and self.header_timeout_s > 0 and self.keep_alive_s >= 1):
+            raise InputError("body and header timeouts must be > 0 and the keep-alive >= 1 s")
+        if self.max_connections < 1 or self.max_upload_bytes < 1 or self.max_json_bytes < 1:
+            raise InputError("max_connections, max_upload_bytes and max_json_bytes must be >= 1")
+        if self.decode_workers < 1 or self.decode_queue < 0:
+            raise InputError("decode_workers must be >= 1 and decode_queue >= 0")
+        if self.token is not None:
+            try:
+                check_token(self.token)
+            except ValueError as e:
+                raise InputError(str(e)) from None
         roots = []
         for r in self.allowed_roots:
             p = Path(os.path.realpath(Path(r).expanduser()))
@@ -83,12 +123,6 @@ class ServerConfig:
                 raise InputError(f"allowed root {r} is not a directory")
             roots.append(p)
         self.allowed_roots = tuple(roots)
-
-
-class HTTPProblem(Exception):
-    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(detail)
-        self.status, self.detail, self.headers = status, detail, headers or {}
 
 
 # The status of each error a request can end in, first match wins; any other exception is a bug: 500.
@@ -110,18 +144,22 @@ def status_of(e: BaseException) -> int:
     return next((status for kind, status in STATUS_OF_ERROR if isinstance(e, kind)), 500)
 
 
-def problem_of(e: BaseException, retry_after_s: int) -> tuple[int, dict[str, str], dict[str, str]]:
+def problem_of(e: BaseException, retry_after_s: int,
+               redact: Callable[[str], str] | None = None) -> tuple[int, dict[str, str], dict[str, str]]:
     """(status, JSON body, headers) answering the error ``e``. Errors that are not StadapterErrors (bugs, like a
     bare ValueError from the forward) get 500 with a generic detail and are logged with their traceback; our own
-    errors (BundleError, AdapterSetError, ...) keep their one-line message."""
+    errors (BundleError, AdapterSetError, ...) keep their one-line message, passed through ``redact`` so that no
+    server path reaches the client (a message it changed is logged in full)."""
     status = status_of(e)
     headers = dict(e.headers) if isinstance(e, HTTPProblem) else {}
     if status == 503:
         headers.setdefault("Retry-After", str(retry_after_s))
     if isinstance(e, HTTPProblem):
-        detail = e.detail
+        detail = e.detail  # built from what the client sent only
     elif isinstance(e, (StadapterError, NotReady)):
-        detail = str(e)
+        detail = redact(str(e)) if redact is not None else str(e)
+        if detail != str(e):
+            log.info("answered %d: %s", status, e)
     else:
         log.error("internal error answering a request", exc_info=e)
         detail = INTERNAL_ERROR
@@ -151,8 +189,11 @@ class Metrics:
         self.batch_tasks = Histogram("stadapter_batch_tasks", "Distinct tasks per batched forward.",
                                      buckets=(1, 2, 4, 8, 16, 32), registry=r)
         self.queue_depth = Gauge("stadapter_queue_depth", "Jobs waiting for the worker.", registry=r)
-        self.rejected = Counter("stadapter_rejected", "Requests refused because the queue was full (429) or the "
-                                "server was not ready (503).", ["reason"], registry=r)
+        self.rejected = Counter("stadapter_rejected", "Requests refused because the queue was full (429), the "
+                                "server was not ready (503) or the bearer token was missing or wrong (401).",
+                                ["reason"], registry=r)
+        self.disconnects = Counter("stadapter_client_disconnects", "Requests whose client went away before "
+                                   "sending its whole body (no answer was sent).", ["endpoint"], registry=r)
         r.register(_EngineCollector(engine))
 
     def exposition(self) -> bytes:
@@ -213,8 +254,11 @@ or the field repeated) and optionally `top_k`; or **application/json**
 `{"path": "/data/clip.mp4", "tasks": ["k400", "ssv2@staging"], "top_k": 5}` where the path must lie under
 one of the server's allowed roots (after resolving symlinks and `..`).
 
-Errors: 400 bad request, 403 path outside the allowed roots, 404 unknown task or missing file, 409 a bundle
-trained on another backbone, 413 upload too large, 422 a clip that cannot be decoded, 429 queue full,
+Errors: 400 bad request, 401 missing or wrong bearer token (when the server has one), 403 path outside the
+allowed roots, 404 unknown task or missing file, 408 the body did not arrive within the server's body timeout,
+409 a bundle trained on another backbone, 413 body too large, 422 a clip that cannot be decoded, is not a video
+(text, a still image) or is over the server's decode limits (frame size, frame count, duration, decoded bytes;
+checked from the headers before decoding), 429 queue full or every decode slot taken (answered before decoding),
 500 a broken bundle or an internal error (logged by the server), 503 not ready, shutting down or the registry
 database unavailable (with Retry-After), 504 no answer within the server's request timeout."""
 
@@ -278,49 +322,50 @@ class ClipRequest:
     """A parsed predict request."""
 
     path: Path  # the clip on disk: under an allowed root, or an upload saved in ``upload_dir``
-    shown: str  # the clip as the answer names it (the path sent, or the upload's file name)
+    shown: str  # the clip as the answer names it (the path sent, or the upload's sanitised file name)
     refs: list[str]  # task references
     top_k: int
     upload_dir: Path | None = None  # a temporary directory to remove once the request is answered
 
+    def server_names(self) -> list[tuple[str, str]]:
+        """(server path, what the client knows it as) pairs, for taking server paths out of error details."""
+        pairs = [(str(self.path), self.shown)]
+        return pairs + [(str(self.upload_dir), "<upload>")] if self.upload_dir is not None else pairs
+
 
 async def read_clip_request(request: Request, config: ServerConfig) -> ClipRequest:
-    """The clip and tasks of a multipart or JSON predict request (HTTPProblem for anything else)."""
+    """The clip and tasks of a multipart or JSON predict request, read as the body streams: 413 past the size
+    limit, 408 past the body timeout, ClientDisconnect when the client goes away (HTTPProblem for the rest)."""
     ctype = request.headers.get("content-type", "")
-    if ctype.startswith("multipart/form-data"):
-        return await _read_multipart(request, config)
-    if ctype.startswith("application/json"):
-        return await _read_json(request, config)
-    raise HTTPProblem(415, "send multipart/form-data (field 'clip') or application/json ('path')")
+    multipart = ctype.startswith("multipart/form-data")
+    if not multipart and not ctype.startswith("application/json"):
+        raise HTTPProblem(415, "send multipart/form-data (field 'clip') or application/json ('path')")
+    limit = config.max_upload_bytes if multipart else config.max_json_bytes
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise HTTPProblem(413, f"request body larger than {limit} bytes", CLOSE)
+    deadline = time.monotonic() + config.body_timeout_s
+    if multipart:
+        return await _read_multipart(request, config, limit, deadline)
+    return await _read_json(request, config, limit, deadline)
 
 
-async def _read_multipart(request: Request, config: ServerConfig) -> ClipRequest:
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > config.max_upload_bytes:
-        raise HTTPProblem(413, f"upload larger than {config.max_upload_bytes} bytes")
-    form = await request.form(max_files=1, max_fields=16)
+async def _read_multipart(request: Request, config: ServerConfig, limit: int, deadline: float) -> ClipRequest:
+    upload = await read_upload(request, limit, deadline, wanted=("tasks", "top_k"))
     try:
-        upload = form.get("clip")
-        if upload is None or isinstance(upload, str):
-            raise HTTPProblem(400, "multipart requests need the clip file in field 'clip'")
-        refs = parse_tasks(form.getlist("tasks") or "", config.max_tasks)
-        k = parse_top_k(form.get("top_k"), config.default_top_k)
-        upload_dir = Path(tempfile.mkdtemp(prefix="stadapter-upload-"))
-        path = upload_dir / (Path(upload.filename or "clip").name or "clip")
-        try:
-            await run_in_threadpool(_save_upload, upload.file, path, config.max_upload_bytes)
-        except BaseException:
-            shutil.rmtree(upload_dir, ignore_errors=True)
-            raise
-        return ClipRequest(path, upload.filename or "upload", refs, k, upload_dir)
-    finally:
-        await form.close()
+        refs = parse_tasks(upload.fields.get("tasks") or "", config.max_tasks)
+        k = parse_top_k(next(iter(upload.fields.get("top_k", [])), None), config.default_top_k)
+    except BaseException:
+        shutil.rmtree(upload.directory, ignore_errors=True)
+        raise
+    return ClipRequest(upload.path, upload.shown, refs, k, upload.directory)
 
 
-async def _read_json(request: Request, config: ServerConfig) -> ClipRequest:
+async def _read_json(request: Request, config: ServerConfig, limit: int, deadline: float) -> ClipRequest:
+    raw = b"".join([chunk async for chunk in read_body(request, limit, deadline)])
     try:
-        body = await request.json()
-    except ValueError:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
         raise HTTPProblem(400, "the body is not valid JSON") from None
     if not isinstance(body, dict):
         raise HTTPProblem(400, "the JSON body must be an object with 'path' and 'tasks'")
@@ -330,21 +375,21 @@ async def _read_json(request: Request, config: ServerConfig) -> ClipRequest:
     return ClipRequest(path, body["path"], refs, k)
 
 
-def _save_upload(src: IO[bytes], dest: Path, limit: int) -> None:
-    total = 0
-    with open(dest, "wb") as out:
-        while chunk := src.read(1 << 20):
-            total += len(chunk)
-            if total > limit:
-                raise HTTPProblem(413, f"upload larger than {limit} bytes")
-            out.write(chunk)
-    if total == 0:
-        raise DecodeError("the uploaded clip is empty (0 bytes)")
-
-
 # -- the app -----------------------------------------------------------------------------------------------
 
 PREDICT = "/v1/predict"
+OPEN_PATHS = ("/healthz",)  # answered without the bearer token (readiness and the rest need it)
+
+
+def server_redactor(engine: Engine, config: ServerConfig) -> Redactor:
+    """A Redactor for this server's paths: registry database and home, temp directory, allowed roots."""
+    known: list[tuple[str, str]] = [(tempfile.gettempdir(), "<tmp>")]
+    known += [(str(root), "<allowed root>") for root in config.allowed_roots]
+    registry = engine.registry
+    if isinstance(registry, Registry):
+        known += [(registry.url, "<registry database>"), (redact_url(registry.url), "<registry database>"),
+                  (str(registry.home), "<registry home>"), (str(registry.cache.parent), "<registry store>")]
+    return Redactor(known + [(os.path.realpath(server), shown) for server, shown in known if server.startswith("/")])
 
 
 class Api:
@@ -353,8 +398,10 @@ class Api:
     def __init__(self, engine: Engine, config: ServerConfig) -> None:
         self.engine, self.config = engine, config
         self.metrics = Metrics(engine)
+        self.redact = server_redactor(engine, config)
         self.batcher = Batcher(engine, max_batch=config.max_batch, max_wait_ms=config.max_wait_ms,
                                queue_size=config.queue_size, observer=self.metrics)
+        self.decodes = DecodePool(config.decode_workers, config.decode_queue)
         self.shutting_down = False
 
     @asynccontextmanager
@@ -370,6 +417,7 @@ class Api:
         yield
         self.shutting_down = True
         await run_in_threadpool(self.batcher.stop)
+        self.decodes.close()
         self.engine.close()
 
     def healthz(self) -> dict[str, str]:
@@ -387,7 +435,7 @@ class Api:
         try:
             items = [self._task_item(t) for t in self.engine.registry.list_tasks()]
         except Exception as e:  # noqa: BLE001 - answered like predict's errors (a database outage: 503)
-            status, body, headers = problem_of(e, self.config.retry_after_s)
+            status, body, headers = problem_of(e, self.config.retry_after_s, self.redact)
             return JSONResponse(body, status_code=status, headers=headers)
         return {"backbone": self.engine.describe()["backbone"], "tasks": items}
 
@@ -401,7 +449,7 @@ class Api:
         except RegistryUnavailable:
             raise
         except StadapterError as e:
-            item.update(servable=False, reason=str(e))
+            item.update(servable=False, reason=self.redact(str(e)))
         return item
 
     async def predict(self, request: Request) -> JSONResponse:
@@ -412,25 +460,47 @@ class Api:
                 self.metrics.rejected.labels("not_ready").inc()
                 raise NotReady("the server is not ready or is shutting down")
             clip = await read_clip_request(request, self.config)
-            handles, views = await run_in_threadpool(self._prepare, clip)
+            handles, views = await self._decode(clip)
             deadline = t0 + self.config.request_timeout_s
             probs = await self._run_job(list(zip(views, handles, strict=True)), deadline)
             results = task_results(handles, views, probs, clip.top_k)
             return self._answer(t0, 200, {"clip": clip.shown, "tasks": results,
                                           "latency_ms": round((time.perf_counter() - t0) * 1000, 3)})
+        except ClientDisconnect:  # nobody to answer: not an error of ours, and no status code to count
+            self.metrics.disconnects.labels(PREDICT).inc()
+            log.info("%s: the client went away before sending the whole request body", PREDICT)
+            return JSONResponse({"detail": "client disconnected"}, status_code=400)
         except Exception as e:  # noqa: BLE001 - every failure becomes a JSON problem with the right status
-            status, body, headers = problem_of(e, self.config.retry_after_s)
+            names = clip.server_names() if clip is not None else []
+            status, body, headers = problem_of(e, self.config.retry_after_s, partial(self.redact, more=names))
             return self._answer(t0, status, body, headers)
         finally:
             if clip is not None and clip.upload_dir is not None:
                 shutil.rmtree(clip.upload_dir, ignore_errors=True)
 
+    async def _decode(self, clip: ClipRequest) -> tuple[list[TaskHandle], list[Tensor]]:
+        """:meth:`_prepare` in the bounded decode pool. 429 before any decoding when the batcher's queue is full
+        or every decode slot and queue place is taken."""
+        busy = None
+        if self.batcher.queue.full():
+            busy = "queue_full", f"the queue is full ({self.config.queue_size} requests waiting); retry later"
+        else:
+            try:
+                future = self.decodes.submit(self._prepare, clip)
+            except DecodeBusy as e:
+                busy = "decode_busy", str(e)
+        if busy is not None:
+            self.metrics.rejected.labels(busy[0]).inc()
+            raise HTTPProblem(429, busy[1], {"Retry-After": str(self.config.retry_after_s)})
+        return await asyncio.wrap_future(future)
+
     def _prepare(self, clip: ClipRequest) -> tuple[list[TaskHandle], list[Tensor]]:
-        """Resolve the tasks, start loading their sets, and decode the clip into each task's views."""
+        """Resolve the tasks, start loading their sets, and decode the clip (within the decode limits) into each
+        task's views."""
         handles = [self.engine.resolve(r) for r in clip.refs]
         for h in handles:
             self.engine.prefetch(h)  # the set loads while the clip decodes
-        return handles, self.engine.clip_views(clip.path, handles)
+        return handles, task_views(self.engine, clip.path, handles, self.config.decode_limits)
 
     async def _run_job(self, units: list[tuple[Tensor, TaskHandle]], deadline: float) -> list[Tensor]:
         """The batcher's answer for ``units``; 429 when its queue is full, 504 past ``deadline``."""
@@ -452,7 +522,7 @@ class Api:
             return await asyncio.wait_for(asyncio.wrap_future(future), left)
         except asyncio.TimeoutError:
             if future.done() and not future.cancelled():
-                raise  # the forward itself raised TimeoutError: not ours
+                return future.result()  # answered as the deadline passed (or the forward raised): that answer
             job.cancel()  # still queued: the worker skips it
             raise expired from None
 
@@ -467,9 +537,14 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     queued and in-flight jobs before closing the engine."""
     config = config or ServerConfig()
     api = Api(engine, config)
-    app = FastAPI(title="stadapter", version=__version__, lifespan=api.lifespan,
-                  description="One frozen video backbone serving many tasks through hot-swapped ST-Adapter sets.")
+    description = "One frozen video backbone serving many tasks through hot-swapped ST-Adapter sets."
+    if config.token is not None:
+        description += " Every route but /healthz needs `Authorization: Bearer <token>` (401 otherwise)."
+    app = FastAPI(title="stadapter", version=__version__, lifespan=api.lifespan, description=description)
     app.state.engine, app.state.batcher, app.state.metrics, app.state.config = engine, api.batcher, api.metrics, config
+    if config.token is not None:
+        app.add_middleware(BearerAuth, token=config.token, open_paths=OPEN_PATHS,
+                           refused=api.metrics.rejected.labels("unauthorized").inc)
     app.add_api_route("/healthz", api.healthz, methods=["GET"], summary="Liveness: the process answers")
     app.add_api_route("/readyz", api.readyz, methods=["GET"], response_model=None,
                       summary="Readiness: the worker runs and accepts work")
@@ -493,15 +568,29 @@ def serve(engine: Engine, config: ServerConfig, host: str = "127.0.0.1", port: i
         # uvicorn re-raises the signal it stopped on once it has shut down
         raise SystemExit(0)
 
-    app = create_app(engine, config)
+    server = uvicorn.Server(uvicorn_config(create_app(engine, config), config, host, port, log_level=log_level,
+                                           graceful_timeout_s=graceful_timeout_s))
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, finished)
     try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=graceful_timeout_s)
+        server.run()
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+    if not server.started:
+        raise SystemExit(3)  # as uvicorn.run: the address could not be bound
 
 
-__all__ = ["ServerConfig", "create_app", "serve", "check_path", "Metrics"]
+def uvicorn_config(app: FastAPI, config: ServerConfig, host: str = "127.0.0.1", port: int = 8000,
+                   log_level: str = "info", graceful_timeout_s: int = 30) -> uvicorn.Config:
+    """uvicorn's settings for ``app``: a deadline on request headers, idle keep-alive connections closed, and at
+    most ``max_connections`` open (beyond: 503), so stalled clients cannot pile up."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=header_deadline_protocol(
+        config.header_timeout_s), timeout_keep_alive=config.keep_alive_s, limit_concurrency=config.max_connections,
+        timeout_graceful_shutdown=graceful_timeout_s)
+
+
+__all__ = ["ServerConfig", "create_app", "serve", "uvicorn_config", "check_path", "Metrics", "HTTPProblem"]

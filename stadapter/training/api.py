@@ -23,6 +23,7 @@ from stadapter.model.backbone import Backbone
 from stadapter.model.loading import load_backbone
 from stadapter.model.video_vit import VideoViT, count_parameters
 from stadapter.recipes import PRESETS, Recipe, preset
+from stadapter.registry.api import check_name, parse_ref
 from stadapter.training import dist as D
 from stadapter.training.data import ClipSource
 from stadapter.training.loop import TrainJob, TrainResult, run_training
@@ -107,7 +108,8 @@ def train_task(task: str, recipe: Recipe, samples_train: list[Sample], labels: l
     With ``register``, the main rank then registers the bundle as the next version of ``task`` in ``registry``
     (an open registry, or a database URL; None: the default database), with ``source`` as its lineage (default
     ``{"kind": "train", "run": str(out)}``) and ``data`` naming the training data; ``registered`` holds the
-    new version's ref."""
+    new version's ref. An invalid task name is refused before any work (the registry's name rule)."""
+    check_name(task, "task")
     if not samples_train:
         raise ConfigError("the training set is empty")
     adapter = dataclasses.replace(recipe.adapter, num_classes=len(labels))
@@ -174,6 +176,7 @@ def evaluate_task(annotations: Path, *, ref: str | None = None, bundle_dir: Path
     from stadapter.video.datasets import load_annotations
 
     if ref is not None and bundle_dir is None:
+        parse_ref(ref)  # a malformed reference is refused before the registry is opened
         with _opened(registry) as reg:
             bundle = reg.load_bundle(ref)
     elif bundle_dir is not None and ref is None:

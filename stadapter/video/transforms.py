@@ -232,6 +232,16 @@ def average_view_scores(logits: torch.Tensor) -> torch.Tensor:
     return logits.float().softmax(dim=-1).mean(dim=-2)
 
 
-__all__ = ["as_generator", "to_tensor", "resize_short_side", "crop", "random_crop", "center_crop",
+__all__ = ["as_generator", "to_tensor", "resize_short_side", "short_side_reducer", "crop", "random_crop", "center_crop",
            "three_crop_offsets", "random_resized_crop", "normalize", "ClipRandAugment", "AugOp",
            "clip_rand_augment", "train_clip", "spatial_views", "test_views", "average_view_scores"]
+
+
+def short_side_reducer(size: int) -> Callable[[np.ndarray], np.ndarray]:
+    """A decode ``reduce`` for test views: one (H, W, 3) frame -> short side ``size`` (what ``test_views`` does
+    to the whole stack first, pixel for pixel), so a read never holds many full-size frames."""
+
+    def reduce(frame: np.ndarray) -> np.ndarray:
+        return resize_short_side(to_tensor(frame[None]), size)[0].permute(1, 2, 0).numpy()  # (H', W', 3)
+
+    return reduce

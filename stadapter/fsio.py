@@ -13,12 +13,16 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
 import shutil
 import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
+
+TEMP_RANDOM = r"[a-z0-9_]{8}"  # the random part tempfile.mkdtemp adds to a prefix
+STAGING_RE = re.compile(rf"^\..+\.{TEMP_RANDOM}$")  # publish_dir's staging folders: ".{dest.name}." + random
 
 CHUNK = 1 << 20
 
@@ -86,6 +90,29 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def publish_file(dest: Path, write: Callable[[BinaryIO], object], *, prefix: str | None = None,
+                 mode: int | None = None) -> Path:
+    """Write a file atomically: ``write`` fills a temporary sibling (name ``prefix`` + random, default
+    ``.{dest.name}.``), which is fsynced, given ``mode`` if set, renamed onto ``dest``, and the directory
+    fsynced. When ``write`` raises, the temporary file is removed and ``dest`` is left as it was."""
+    dest = Path(dest)
+    fd, name = tempfile.mkstemp(prefix=prefix if prefix is not None else f".{dest.name}.", dir=dest.parent)
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            write(out)
+            out.flush()
+            os.fsync(out.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(dest.parent)
+    return dest
+
+
 def publish_dir(dest: Path, write: Callable[[Path], None], *, sync_files: bool = True,
                 keep_existing: Callable[[Path], bool] | None = None) -> Path:
     """Create the directory ``dest`` (absent, or an empty directory) all at once.
@@ -100,7 +127,7 @@ def publish_dir(dest: Path, write: Callable[[Path], None], *, sync_files: bool =
     propagates."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))  # matches STAGING_RE
     try:
         write(staging)
         if sync_files:

@@ -48,7 +48,7 @@ from stadapter.bundle import (
     verify_bundle,
 )
 from stadapter.errors import BundleError, HubError
-from stadapter.fsio import publish_dir
+from stadapter.fsio import publish_dir, publish_file
 
 log = logging.getLogger(__name__)
 
@@ -525,9 +525,7 @@ def _remember_ref(cache: Path, repo: str, revision: str, commit: str) -> None:
         return
     ref = _storage(cache, repo) / "refs" / revision
     ref.parent.mkdir(parents=True, exist_ok=True)
-    tmp = ref.with_name(f".{revision}.{os.getpid()}")
-    tmp.write_text(commit)
-    os.replace(tmp, ref)
+    publish_file(ref, lambda out: out.write(commit.encode()))
 
 
 def resolve_revision(repo: str, revision: str | None = None, *, endpoint: str | None = None,
@@ -729,6 +727,10 @@ def pull_version(registry: Registry, repo: str, revision: str | None = None, *, 
     ``repo`` may carry the revision: ``ORG/NAME@REVISION``. The version records its Hub source (repo, commit,
     revision, and the tag when the revision is one of ours, ``v<N>``) as lineage. A commit already registered
     (for ``task``, when given) is not downloaded again: its version comes back with ``registered`` False."""
+    if task is not None:
+        from stadapter.registry.api import check_name
+
+        check_name(task, "task")  # before anything is downloaded
     if revision is None:
         repo, revision = parse_repo_ref(repo)
     revision = revision or "main"

@@ -29,7 +29,7 @@ from stadapter.bundle import (
 )
 from stadapter.config import AdapterConfig, TaskSpec
 from stadapter.errors import BundleError
-from stadapter.fsio import publish_dir, sha256_file
+from stadapter.fsio import publish_dir, publish_file, sha256_file
 from stadapter.runtime.pool import read_header
 from test_registry_support import assert_all_rows_intact, make_bundle
 
@@ -266,3 +266,19 @@ def test_publish_dir_keeps_a_directory_built_meanwhile_only_when_asked(tmp_path)
                 keep_existing=lambda built: (built / "theirs.txt").is_file())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
     assert [p.name for p in dest.iterdir()] == ["theirs.txt"]
+
+
+def test_publish_file_replaces_atomically_and_leaves_nothing_when_the_writer_raises(tmp_path):
+    dest = tmp_path / "ref"
+    dest.write_text("old")
+
+    def broken(out) -> None:
+        out.write(b"half")
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError, match="killed mid-write"):
+        publish_file(dest, broken)
+    assert dest.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["ref"]
+    publish_file(dest, lambda out: out.write(b"new"), prefix=".tmp-", mode=0o444)
+    assert dest.read_text() == "new" and (dest.stat().st_mode & 0o777) == 0o444
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ref"]

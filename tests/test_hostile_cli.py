@@ -91,6 +91,16 @@ def test_commands_refuse_bad_names_before_opening_the_registry(cwd_and_home, arg
     assert tree(cwd_and_home) == before  # no registry database, no export folder, no download
 
 
+@pytest.mark.parametrize("args", [
+    ["serve", "--preload", "../x", "--backbone", "timm:no_such_model", "--weights", "none"],
+    ["predict", "clip.mp4", "--task", "../x", "--backbone", "timm:no_such_model", "--weights", "none"],
+])
+def test_serve_and_predict_check_task_names_before_building_the_backbone(cwd_and_home, args):
+    """The named backbone does not exist: an error about it would mean it was built before the names were read."""
+    err = refused(args)
+    assert "not a registry reference" in err and "no_such_model" not in err
+
+
 # -- gc and leftovers --------------------------------------------------------------------------------------
 
 def age(path: Path, seconds: float) -> None:

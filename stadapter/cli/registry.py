@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 
 from stadapter.cli.common import DbOpt, JsonOpt, console, user_errors
 from stadapter.errors import RegistryError
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+    from stadapter.registry.api import Registry
+    from stadapter.registry.db import Target
 
 RefArg = Annotated[str, typer.Argument(help="TASK (production alias, else latest), TASK:VERSION or TASK@ALIAS.",
                                        show_default=False)]
@@ -19,7 +26,7 @@ db_app = typer.Typer(help="The registry database's schema: upgrade, current, his
 alias_app = typer.Typer(help="Name versions of a task: production, staging, anything.", no_args_is_help=True)
 
 
-def _open(db: str | None):  # type: ignore[no-untyped-def]
+def _open(db: str | None) -> Registry:
     from stadapter.registry import open_registry
 
     return open_registry(db)
@@ -39,7 +46,7 @@ def _check_names(*, ref: str | None = None, task: str | None = None, alias: str 
 
 # -- db -------------------------------------------------------------------------------------------------
 
-def _engine(db: str | None):  # type: ignore[no-untyped-def]
+def _engine(db: str | None) -> tuple[ModuleType, Target, Engine]:
     from stadapter.registry import db as dbm
 
     target = dbm.resolve_target(db)

@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from sqlalchemy import CursorResult, Engine, Result, delete, func, select, update
+from sqlalchemy import CursorResult, Engine, Result, Select, delete, func, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, selectinload
 
@@ -591,7 +591,7 @@ class Registry:
                               .order_by(AdapterVersion.version)))
 
     @staticmethod
-    def _query():  # type: ignore[no-untyped-def]
+    def _query() -> Select[AdapterVersion]:
         return select(AdapterVersion).options(selectinload(AdapterVersion.task), selectinload(AdapterVersion.backbone),
                                               selectinload(AdapterVersion.aliases), selectinload(AdapterVersion.tags))
 

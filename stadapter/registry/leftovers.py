@@ -27,11 +27,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from stadapter.fsio import STAGING_RE, TEMP_RANDOM
+
 STALE_AFTER_S = 3600.0
 WORK_PURPOSES = ("pull", "push")
-_RANDOM = r"[a-z0-9_]{8}"  # the random part tempfile.mkdtemp adds to a prefix
-_WORK_RE = re.compile(rf"^(?:{'|'.join(WORK_PURPOSES)})-{_RANDOM}$")
-_STAGING_RE = re.compile(rf"^\..+\.{_RANDOM}$")  # publish_dir's ".{dest.name}." + random
+_WORK_RE = re.compile(rf"^(?:{'|'.join(WORK_PURPOSES)})-{TEMP_RANDOM}$")
 _INCOMPLETE_SUFFIX = ".incomplete"
 
 
@@ -64,7 +64,7 @@ def candidates(home: Path) -> Iterator[Path]:
     home = Path(home)
     yield from _matching(work_root(home), lambda p: p.is_dir() and bool(_WORK_RE.match(p.name)))
     for repo_dir in _children(home / "hub" / "bundles"):
-        yield from _matching(repo_dir, lambda p: p.is_dir() and bool(_STAGING_RE.match(p.name)))
+        yield from _matching(repo_dir, lambda p: p.is_dir() and bool(STAGING_RE.match(p.name)))
     for repo_dir in _children(home / "hub" / "cache"):
         yield from _matching(repo_dir / "blobs", lambda p: p.is_file() and p.name.endswith(_INCOMPLETE_SUFFIX))
 

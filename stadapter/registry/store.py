@@ -13,12 +13,12 @@ import contextlib
 import os
 import shutil
 import stat
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from stadapter.errors import BundleError
-from stadapter.fsio import copy_hashing, fsync_dir, sha256_file
+from stadapter.fsio import copy_hashing, fsync_dir, publish_file, sha256_file
 from stadapter.registry.db import file_lock
 
 TMP_PREFIX = ".tmp-"
@@ -56,25 +56,17 @@ class BlobStore:
         if not final.parent.is_dir():
             final.parent.mkdir(parents=True, exist_ok=True)
             fsync_dir(self.root)  # the new fan-out directory's entry
-        fd, tmp_name = _mkstemp(final.parent)
-        tmp = Path(tmp_name)
-        try:
-            with os.fdopen(fd, "wb") as dst:
-                try:
-                    digest, written = copy_hashing(source, dst)  # a regular file only, never through a link
-                except OSError as e:
-                    raise BundleError(f"cannot register {source}: {e.strerror or e}") from None
-                dst.flush()
-                os.fsync(dst.fileno())
+
+        def copy(dst: BinaryIO) -> None:
+            try:
+                digest, written = copy_hashing(source, dst)  # a regular file only, never through a link
+            except OSError as e:
+                raise BundleError(f"cannot register {source}: {e.strerror or e}") from None
             if digest != sha256 or written != size:
                 raise BundleError(f"{source} changed while it was being registered (sha256 or size differs "
                                   f"from the manifest)")
-            os.chmod(tmp, stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
-            os.replace(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        fsync_dir(final.parent)
+
+        publish_file(final, copy, prefix=TMP_PREFIX, mode=stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
         return final
 
     # -- reading ---------------------------------------------------------------------------------------
@@ -132,10 +124,6 @@ class BlobStore:
                 for f in sorted(fan.iterdir()):
                     if not f.name.startswith(TMP_PREFIX):
                         yield fan.name + f.name
-
-
-def _mkstemp(directory: Path) -> tuple[int, str]:
-    return tempfile.mkstemp(prefix=TMP_PREFIX, dir=directory)
 
 
 def remove_tree(path: Path) -> None:

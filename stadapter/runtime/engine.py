@@ -116,15 +116,15 @@ class Engine:
         ``tasks`` are resolved at once, so an unknown task or a bundle of another backbone fails here."""
         from stadapter.model.loading import load_backbone
 
+        infos = [registry.resolve(ref) for ref in tasks]  # a bad name or unknown task fails before the load
         if backbone is None:
-            if not tasks:
+            if not infos:
                 from stadapter.config import DEFAULT_BACKBONE
 
                 backbone = DEFAULT_BACKBONE
             else:
-                info = registry.resolve(tasks[0])
-                backbone = info.backbone_spec
-                weights = weights if weights is not None else (info.backbone_weights or None)
+                backbone = infos[0].backbone_spec
+                weights = weights if weights is not None else (infos[0].backbone_weights or None)
         engine = cls(load_backbone(backbone, weights), registry, device=device, **kwargs)
         for ref in tasks:
             engine.resolve(ref)

@@ -273,8 +273,10 @@ PREDICT_OPENAPI = {"requestBody": {"required": True, "content": {
         "top_k": {"type": "integer", "default": 5}}}}}}}
 
 
-def check_path(raw: str, roots: Sequence[Path]) -> Path:
-    """The real path of ``raw`` if it lies under one of ``roots`` (symlinks and '..' resolved), else 403."""
+def check_path(raw: object, allowed: Sequence[str | Path]) -> Path:
+    """The real path of ``raw`` if it lies under one of the ``allowed`` roots (real paths; symlinks and '..'
+    resolved), else 403."""
+    roots = [Path(r) for r in allowed]
     if not roots:
         raise HTTPProblem(403, "reading clips by path is disabled: start the server with --allowed-root DIR")
     if not isinstance(raw, str) or not raw or "\x00" in raw:
@@ -371,7 +373,7 @@ async def _read_json(request: Request, config: ServerConfig, limit: int, deadlin
         raise HTTPProblem(400, "the JSON body must be an object with 'path' and 'tasks'")
     refs = parse_tasks(body.get("tasks", ""), config.max_tasks)
     k = parse_top_k(body.get("top_k"), config.default_top_k)
-    path = check_path(body.get("path"), config.allowed_roots)  # type: ignore[arg-type]
+    path = check_path(body.get("path"), config.allowed_roots)
     return ClipRequest(path, body["path"], refs, k)
 
 

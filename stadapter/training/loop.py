@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -25,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from stadapter.config import AdapterConfig, TaskSpec, TrainConfig
 from stadapter.errors import ConfigError, StadapterError
+from stadapter.fsio import publish_file
 from stadapter.model.video_vit import VideoViT
 from stadapter.training import dist as D
 from stadapter.training.data import ClipSource, IndexedBatch, make_loader
@@ -316,11 +316,7 @@ def _save_checkpoint(path: Path, module: AdapterParams, opt: torch.optim.Optimiz
                      step: int, signature: dict[str, Any]) -> None:
     state = {"step": step, "names": module.names, "tensors": [p.detach().cpu() for p in module.params],
              "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "signature": json.dumps(signature)}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    publish_file(path, lambda out: torch.save(state, out))
 
 
 def _load_checkpoint(path: Path, module: AdapterParams, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,

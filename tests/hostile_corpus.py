@@ -61,11 +61,11 @@ def _edit_config(edit: Callable[[dict], None]) -> Callable[[Path], None]:
     return _edit_json(CONFIG, apply)
 
 
-def _raw(name: str, data: bytes) -> Callable[[Path], None]:
+def _raw(name: str, data: bytes) -> Callable[[Path], object]:
     return lambda d: (d / name).write_bytes(data)
 
 
-def _edit_tensors(edit: Callable[[dict[str, torch.Tensor]], None]) -> Callable[[Path], None]:
+def _edit_tensors(edit: Callable[[dict[str, torch.Tensor]], object]) -> Callable[[Path], None]:
     def mutate(d: Path) -> None:
         tensors = load_file(str(d / TENSORS))
         edit(tensors)
@@ -126,7 +126,7 @@ def _claim_size(name: str, size: int) -> Callable[[Path], None]:
 
 
 # name: (mutation, whether the manifest is rewritten afterwards, the error it must give)
-CASES: dict[str, tuple[Callable[[Path], None], bool, str]] = {
+CASES: dict[str, tuple[Callable[[Path], object], bool, str]] = {
     "label-count": (_raw(LABELS, b'["a", "b", "c", "d"]'), True, r"4 labels for a head of 3 classes"),
     "label-repeated": (_raw(LABELS, b'["a", "b", "a"]'), True, r"class names repeat: a"),
     "label-not-string": (_raw(LABELS, b'["a", 1, "b"]'), True, r"labels\.json must be a list of class names"),

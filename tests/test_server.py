@@ -372,3 +372,16 @@ def test_serve_command_shuts_down_gracefully_finishing_in_flight_requests(world)
             proc.wait()
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{url}/healthz", timeout=1)
+
+
+def test_serve_caps_malloc_arenas_unless_the_user_chose(monkeypatch):
+    """glibc's per-thread arenas made a soak's RSS creep (benchmarks/soak.py); serve caps them, but never
+    overrides an explicit MALLOC_ARENA_MAX."""
+    import sys
+
+    from stadapter.runtime.server import cap_malloc_arenas
+
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "8")
+    assert cap_malloc_arenas() is False
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    assert cap_malloc_arenas() is sys.platform.startswith("linux")

@@ -61,8 +61,9 @@ def serve(
     token: Annotated[str | None, typer.Option(
         "--token", envvar="STADAPTER_TOKEN", show_default=False,
         help="Bearer token every route but /healthz needs (Authorization: Bearer TOKEN); none: open.")] = None,
-    max_upload_mb: Annotated[int, typer.Option("--max-upload-mb", min=1,
-                                               help="Largest request body of an upload; beyond: 413.")] = 512,
+    max_upload_mb: Annotated[int, typer.Option(
+        "--max-upload-mb", min=1, help="Largest upload (MiB), also the most temp disk one upload takes; beyond: "
+                                       "413. A 10 s 1080p H.264 clip is about 10-25 MiB.")] = 48,
     body_timeout: Annotated[float, typer.Option(
         "--body-timeout", min=0.001, help="Seconds for a request's whole body to arrive; beyond: 408.")] = 60.0,
     header_timeout: Annotated[float, typer.Option(

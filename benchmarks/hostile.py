@@ -37,7 +37,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -50,9 +50,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from hostile_corpus import (  # noqa: E402
+    BOUNDARY,
     PULLED,
     craft_hostile_bundles,
     good_bundle,
+    multipart,
+    peak_bytes,
+    tree_bytes,
     write_hostile_clips,
     write_huge_clip,
 )
@@ -60,7 +64,6 @@ from hostile_corpus import (  # noqa: E402
 HUB_TOKEN = "hf_hostile_bench_token_0123456789"
 BAD_NAMES = ["../../escaped", "/abs/path", ".hidden", "a/b", "x" * 101, "spa ce"]
 NOT_PULLABLE = {"symlink-listed", "symlink-extra", "directory-inside"}  # a Hub repo holds no links or folders
-BOUNDARY = b"hostile-bench-boundary"
 TRACEBACK = "Traceback (most recent call last)"
 
 
@@ -422,34 +425,6 @@ def proc_status_mb(pid: int) -> dict[str, float]:
     return out
 
 
-def tree_bytes(root: Path) -> int:
-    total = 0
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            with suppress(FileNotFoundError):
-                total += os.lstat(os.path.join(dirpath, name)).st_size
-    return total
-
-
-@contextmanager
-def peak_bytes(root: Path, every_s: float = 0.005) -> Iterator[list[int]]:
-    """Samples the bytes under ``root`` while the block runs; yields a one-item list holding the peak."""
-    peak, stop = [0], threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], tree_bytes(root))
-            time.sleep(every_s)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
-        yield peak
-    finally:
-        stop.set()
-        sampler.join()
-
-
 class ServerProcess:
     """``stadapter serve`` on 127.0.0.1 (tiny backbone, CPU) in a subprocess whose TMPDIR is ``tmp``."""
 
@@ -503,15 +478,6 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def multipart(filename: bytes, data: bytes, tasks: str = "walk") -> tuple[bytes, dict[str, str]]:
-    """A form with 'tasks' and the file part 'clip' named ``filename`` (any bytes)."""
-    body = (b"--%s\r\nContent-Disposition: form-data; name=\"tasks\"\r\n\r\n%s\r\n"
-            b"--%s\r\nContent-Disposition: form-data; name=\"clip\"; filename=\"%s\"\r\n"
-            b"Content-Type: video/mp4\r\n\r\n%s\r\n--%s--\r\n"
-            % (BOUNDARY, tasks.encode(), BOUNDARY, filename, data, BOUNDARY))
-    return body, {"content-type": f"multipart/form-data; boundary={BOUNDARY.decode()}"}
 
 
 def request_head(port: int, extra: str) -> bytes:

@@ -6,12 +6,16 @@ tiny bundle, :func:`craft_hostile_bundles`, with the error each must give in :da
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
 import struct
 import subprocess
 import sys
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from fractions import Fraction
 from pathlib import Path
 
@@ -297,3 +301,45 @@ def write_huge_clip(path: Path) -> Path:
     """The one-frame 16000x16000 H.264 MP4 that took 7.9 GB to decode before the limits."""
     subprocess.run([sys.executable, "-c", _HUGE, str(path), str(Path(__file__).parent)], check=True, timeout=600)
     return path
+
+
+# -- uploads -----------------------------------------------------------------------------------------------
+
+BOUNDARY = b"hostile-boundary-42"
+
+
+def multipart(filename: bytes, data: bytes, tasks: str = "walk") -> tuple[bytes, dict[str, str]]:
+    """A form with the file part 'clip' named ``filename`` (raw bytes, any byte allowed) and 'tasks'."""
+    body = (b"--%s\r\nContent-Disposition: form-data; name=\"tasks\"\r\n\r\n%s\r\n"
+            b"--%s\r\nContent-Disposition: form-data; name=\"clip\"; filename=\"%s\"\r\n"
+            b"Content-Type: video/mp4\r\n\r\n%s\r\n--%s--\r\n"
+            % (BOUNDARY, tasks.encode(), BOUNDARY, filename, data, BOUNDARY))
+    return body, {"content-type": f"multipart/form-data; boundary={BOUNDARY.decode()}"}
+
+
+def tree_bytes(root: Path) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            with suppress(FileNotFoundError):
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
+
+
+@contextmanager
+def peak_bytes(root: Path, every_s: float = 0.005) -> Iterator[list[int]]:
+    """Samples the bytes under ``root`` while the block runs; yields a one-item list holding the peak."""
+    peak, stop = [0], threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], tree_bytes(root))
+            time.sleep(every_s)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield peak
+    finally:
+        stop.set()
+        sampler.join()

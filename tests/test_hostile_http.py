@@ -9,16 +9,15 @@ import os
 import select
 import socket
 import tempfile
-import threading
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import httpx
 import pytest
 from typer.testing import CliRunner
 
+from hostile_corpus import BOUNDARY, multipart, peak_bytes, tree_bytes
 from stadapter.cli.main import app as cli
 from stadapter.config import TaskSpec
 from stadapter.registry import open_registry
@@ -32,7 +31,6 @@ TOKEN = "s3cret-t0ken"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 LIMIT = 1 << 20  # bytes of an upload
 BODY_TIMEOUT = HEADER_TIMEOUT = 1.5  # seconds
-BOUNDARY = b"hostile-boundary-42"
 
 
 @pytest.fixture(scope="module")
@@ -70,15 +68,6 @@ def client(served: dict, **kw) -> httpx.Client:
     return httpx.Client(base_url=served["url"], timeout=30, headers=AUTH, **kw)
 
 
-def multipart(filename: bytes, data: bytes, tasks: str = "walk") -> tuple[bytes, dict[str, str]]:
-    """A form with the file part 'clip' named ``filename`` (raw bytes, any byte allowed) and 'tasks'."""
-    body = (b"--%s\r\nContent-Disposition: form-data; name=\"tasks\"\r\n\r\n%s\r\n"
-            b"--%s\r\nContent-Disposition: form-data; name=\"clip\"; filename=\"%s\"\r\n"
-            b"Content-Type: video/mp4\r\n\r\n%s\r\n--%s--\r\n"
-            % (BOUNDARY, tasks.encode(), BOUNDARY, filename, data, BOUNDARY))
-    return body, {"content-type": f"multipart/form-data; boundary={BOUNDARY.decode()}"}
-
-
 def head(port: int, extra: str) -> bytes:
     return (f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {TOKEN}\r\n"
             f"Content-Type: multipart/form-data; boundary={BOUNDARY.decode()}\r\n{extra}\r\n").encode()
@@ -107,34 +96,6 @@ def send_raw(port: int, request_head: bytes, chunks: Iterable[bytes], timeout: f
             pass
     status = int(response.split(b" ", 2)[1]) if response.startswith(b"HTTP/1.1 ") else 0
     return status, response
-
-
-def tree_bytes(root: Path) -> int:
-    total = 0
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            with suppress(FileNotFoundError):  # removed while we walk
-                total += os.lstat(os.path.join(dirpath, name)).st_size
-    return total
-
-
-@contextmanager
-def peak_bytes(root: Path) -> Iterator[list[int]]:
-    """Samples the bytes under ``root`` every 5 ms while the block runs; yields a list holding the peak."""
-    peak, stop = [0], threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], tree_bytes(root))
-            time.sleep(0.005)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
-        yield peak
-    finally:
-        stop.set()
-        sampler.join()
 
 
 def metric(served: dict, prefix: str) -> float:

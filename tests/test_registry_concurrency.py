@@ -8,6 +8,7 @@ import multiprocessing as mp
 import os
 import random
 import signal
+import tempfile
 import time
 from pathlib import Path
 
@@ -62,11 +63,12 @@ def _register_and_stall(db: str, home: str, mode: str, bundles: list[str], conn)
 
         store.BlobStore.put = put_then_stall
     elif mode == "in-temp-file":  # a blob's bytes in its temporary file, neither fsynced nor renamed
-        fsync, mkstemp, temp_fds = os.fsync, store._mkstemp, set()
+        fsync, mkstemp, temp_fds = os.fsync, tempfile.mkstemp, set()
 
-        def note_temp(directory):  # type: ignore[no-untyped-def]
-            fd, name = mkstemp(directory)
-            temp_fds.add(fd)
+        def note_temp(*args, **kwargs):  # type: ignore[no-untyped-def]
+            fd, name = mkstemp(*args, **kwargs)
+            if Path(name).name.startswith(store.TMP_PREFIX):  # a blob's temporary file (fsio.publish_file)
+                temp_fds.add(fd)
             return fd, name
 
         def stall_on_blob_fsync(fd: int) -> None:
@@ -74,7 +76,7 @@ def _register_and_stall(db: str, home: str, mode: str, bundles: list[str], conn)
                 _stall(mode, conn)
             fsync(fd)
 
-        store._mkstemp = note_temp
+        tempfile.mkstemp = note_temp  # type: ignore[assignment]  # in this worker process only
         os.fsync = stall_on_blob_fsync
     elif mode == "before-commit":  # the version number taken and the row flushed, not committed
         @event.listens_for(Session, "before_commit")

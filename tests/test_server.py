@@ -385,3 +385,13 @@ def test_serve_caps_malloc_arenas_unless_the_user_chose(monkeypatch):
     assert cap_malloc_arenas() is False
     monkeypatch.delenv("MALLOC_ARENA_MAX")
     assert cap_malloc_arenas() is sys.platform.startswith("linux")
+
+
+def test_busy_and_unavailable_answers_say_when_to_retry():
+    from stadapter.errors import RegistryUnavailable
+    from stadapter.runtime.server import HTTPProblem, problem_of
+
+    for error, status in ((HTTPProblem(429, "the queue is full"), 429), (RegistryUnavailable("db gone"), 503)):
+        got, body, headers = problem_of(error, 7)
+        assert got == status and headers["Retry-After"] == "7" and body["detail"]
+    assert "Retry-After" not in problem_of(HTTPProblem(404, "no such clip"), 7)[2]

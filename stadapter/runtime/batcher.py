@@ -117,6 +117,10 @@ class Batcher:
         self._accepting = True
         self._thread.start()
 
+    def queue_full(self) -> QueueFull:
+        """The error a request gets when the queue has no room."""
+        return QueueFull(f"the queue is full ({self.queue_size} requests waiting); retry later")
+
     def submit(self, job: Job) -> Future[list[Tensor]]:
         """Queue ``job``; its future is answered by the worker. Raises NotReady or QueueFull."""
         with self._lock:
@@ -125,7 +129,7 @@ class Batcher:
             try:
                 self.queue.put_nowait(job)
             except queue.Full:
-                raise QueueFull(f"the queue is full ({self.queue_size} requests waiting); retry later") from None
+                raise self.queue_full() from None
         self.observer.queued(self.queue.qsize())
         return job.future
 

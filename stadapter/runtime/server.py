@@ -154,7 +154,7 @@ def problem_of(e: BaseException, retry_after_s: int,
     server path reaches the client (a message it changed is logged in full)."""
     status = status_of(e)
     headers = dict(e.headers) if isinstance(e, HTTPProblem) else {}
-    if status == 503:
+    if status in (429, 503):  # busy or unavailable: say when to come back
         headers.setdefault("Retry-After", str(retry_after_s))
     if isinstance(e, HTTPProblem):
         detail = e.detail  # built from what the client sent only
@@ -485,18 +485,18 @@ class Api:
     async def _decode(self, clip: ClipRequest) -> tuple[list[TaskHandle], list[Tensor]]:
         """:meth:`_prepare` in the bounded decode pool. 429 before any decoding when the batcher's queue is full
         or every decode slot and queue place is taken."""
-        busy = None
         if self.batcher.queue.full():
-            busy = "queue_full", f"the queue is full ({self.config.queue_size} requests waiting); retry later"
-        else:
-            try:
-                future = self.decodes.submit(self._prepare, clip)
-            except DecodeBusy as e:
-                busy = "decode_busy", str(e)
-        if busy is not None:
-            self.metrics.rejected.labels(busy[0]).inc()
-            raise HTTPProblem(429, busy[1], {"Retry-After": str(self.config.retry_after_s)})
+            raise self._busy("queue_full", self.batcher.queue_full())
+        try:
+            future = self.decodes.submit(self._prepare, clip)
+        except DecodeBusy as e:
+            raise self._busy("decode_busy", e) from None
         return await asyncio.wrap_future(future)
+
+    def _busy(self, reason: str, error: Exception) -> HTTPProblem:
+        """429 for ``error``, counted under ``reason`` (problem_of adds Retry-After)."""
+        self.metrics.rejected.labels(reason).inc()
+        return HTTPProblem(429, str(error))
 
     def _prepare(self, clip: ClipRequest) -> tuple[list[TaskHandle], list[Tensor]]:
         """Resolve the tasks, start loading their sets, and decode the clip (within the decode limits) into each
@@ -517,8 +517,7 @@ class Api:
         try:
             future = self.batcher.submit(job)
         except QueueFull as e:
-            self.metrics.rejected.labels("queue_full").inc()
-            raise HTTPProblem(429, str(e), {"Retry-After": str(self.config.retry_after_s)}) from None
+            raise self._busy("queue_full", e) from None
         except NotReady:
             self.metrics.rejected.labels("not_ready").inc()
             raise

@@ -19,7 +19,7 @@ import json
 import os
 import re
 import stat
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -192,17 +192,23 @@ def verify_bundle(directory: Path, where: str | None = None) -> dict[str, Any]:
     where = where or f"bundle {directory}"
     manifest = load_manifest(directory / MANIFEST, where)
     listed: dict[str, dict[str, Any]] = manifest["files"]
-    check_file_names(set(listed), f"{where} {MANIFEST}")
-    present = regular_files(directory, where) - {MANIFEST}
-    unlisted = sorted(present - set(listed))
-    if unlisted:
-        raise BundleError(f"{where}: file(s) not in the manifest: {', '.join(unlisted)}")
+    check_listing(directory, listed, where)
     for name, entry in listed.items():
-        if name not in present:
-            raise BundleError(f"{where}: {name} is missing")
         if not matches_entry(directory / name, entry):
             raise BundleError(f"{where}: {name} does not match its sha256 in the manifest (changed or corrupt)")
     return manifest
+
+
+def check_listing(directory: Path, listed: Mapping[str, Any], where: str) -> None:
+    """``directory`` holds exactly the files the manifest lists (besides the manifest), all regular files, with
+    acceptable names (no pickles, nothing unexpected)."""
+    check_file_names(set(listed), f"{where} {MANIFEST}")
+    present = regular_files(directory, where) - {MANIFEST}
+    unlisted, missing = sorted(present - set(listed)), sorted(set(listed) - present)
+    if unlisted:
+        raise BundleError(f"{where}: file(s) not in the manifest: {', '.join(unlisted)}")
+    if missing:
+        raise BundleError(f"{where}: file(s) listed in the manifest are missing: {', '.join(missing)}")
 
 
 def regular_files(directory: Path, where: str) -> set[str]:

@@ -27,12 +27,11 @@ from stadapter.bundle.format import (
     MANIFEST,
     METRICS,
     TENSORS,
-    check_file_names,
+    check_listing,
     matches_entry,
     parse_json,
     parse_manifest,
     read_bounded,
-    regular_files,
 )
 from stadapter.bundle.tensors import check_tensors
 from stadapter.errors import BundleError
@@ -61,13 +60,7 @@ def check_bundle(directory: Path, where: str | None = None) -> CheckedBundle:
         raise BundleError(f"bundle directory {directory} does not exist")
     raw_manifest = read_bounded(directory / MANIFEST, where, MANIFEST)
     listed: dict[str, dict[str, Any]] = parse_manifest(raw_manifest, where)["files"]
-    check_file_names(set(listed), f"{where} {MANIFEST}")
-    present = regular_files(directory, where) - {MANIFEST}
-    unlisted, missing = sorted(present - set(listed)), sorted(set(listed) - present)
-    if unlisted:
-        raise BundleError(f"{where}: file(s) not in the manifest: {', '.join(unlisted)}")
-    if missing:
-        raise BundleError(f"{where}: file(s) listed in the manifest are missing: {', '.join(missing)}")
+    check_listing(directory, listed, where)
     documents = {name: _read_listed_json(directory, name, listed[name], where)
                  for name in JSON_FILES if name in listed}
     for name in sorted(set(listed) - set(JSON_FILES)):

@@ -375,7 +375,7 @@ def run_method(task_dir: str, method: str, run: Run, s: Settings, out: str) -> d
     train = {"epochs": run.steps / per_epoch, "warmup_epochs": 0.1 * run.steps / per_epoch,
              "batch_size": run.batch, "lr_per_256": run.lr * 256 / run.batch, "conv_lr_mult": run.conv_lr_mult,
              "head_lr_mult": run.head_lr_mult, "weight_decay": run.weight_decay, "num_workers": 0, "eval_every": 0, "checkpoint_every": 10 ** 6, "amp": False,
-             "cpu_bf16": s.cpu_bf16}
+             "cpu_bf16": s.cpu_bf16, "lr_ref_batch": None}  # run.lr is an absolute rate
     recipe = resolve_recipe(root.name, "custom", adapter, spec, train)
     with PeakRSS() as mem:
         outcome = train_task(root.name, recipe, tr.samples, tr.classes, None, s.backbone, str(WEIGHTS), Path(out),

@@ -366,21 +366,30 @@ class Bench:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
     # -- (e) ---------------------------------------------------------------------------------------------
-    def zipf(self) -> None:
+    def zipf(self, names: list[str] | None = None, bb=None, registry=None) -> dict:
+        """(e); with ``names`` (their backbone ``bb``, in ``registry``), the stream runs over those tasks, already
+        registered (by the --tasks scale runs, in their own registry)."""
+        register = registry is None
         a = self.args
-        n_tasks, budget = a.zipf_tasks, a.zipf_budget
+        n_tasks, budget = (len(names) if names else a.zipf_tasks), a.zipf_budget
         spec = a.zipf_backbone or "small"
         frames = 4
         batch = 8
         n_req = 400 if self.quick else 1200
         warm = 200 if self.quick else 400
-        bb = self.backbone if spec == self.backbone_spec else load_backbone(spec, "none")
+        if bb is None:
+            bb = self.backbone if spec == self.backbone_spec else load_backbone(spec, "none")
         width = max(8, bb.dim // 2)
-        self.log(f"(e) registering {n_tasks} tasks on {spec} (adapter width {width})")
-        t0 = time.perf_counter()
-        names = self.make_tasks(bb, [f"z{i:04d}" for i in range(n_tasks)], width, frames, lambda i: 5 + i % 20)
-        reg_s = time.perf_counter() - t0
-        engine = Engine(bb, self.reg, device=self.device, max_resident=budget)
+        reg_s = 0.0
+        if registry is None:
+            registry = self.reg
+            self.log(f"(e) registering {n_tasks} tasks on {spec} (adapter width {width})")
+            t0 = time.perf_counter()
+            names = self.make_tasks(bb, [f"z{i:04d}" for i in range(n_tasks)], width, frames,
+                                    lambda i: 5 + i % 20)
+            reg_s = time.perf_counter() - t0
+        assert names is not None
+        engine = Engine(bb, registry, device=self.device, max_resident=budget)
         rng = np.random.default_rng(1)
         ranks = np.arange(1, n_tasks + 1)
         p = ranks ** -1.1
@@ -433,9 +442,14 @@ class Bench:
         s1 = engine.pool.stats.snapshot()
         hits = s1["hits"] - s0["hits"]
         asked = hits + (s1["misses"] - s0["misses"]) + (s1["host_hits"] - s0["host_hits"])
+        p99z, p991 = float(np.percentile(lat_z, 99)), float(np.percentile(lat_1, 99))
+        figures = {"zipf_throughput_ratio": round(t1 / tz, 4), "zipf_p99_ratio": round(p99z / p991, 4),
+                   "zipf_prepare_s": round(prep_s, 1), "zipf_hit_rate": round(hits / max(asked, 1), 4)}
+        if not register:
+            engine.close()
+            return figures
         self.put("zipf_throughput_ratio", t1 / tz, "e zipf", f"{n_tasks} tasks, {budget} resident, Zipf(1.1), "
                  f"batches of {batch}, {spec} x {frames} frames; {len(lat_z) / tz:.1f} vs {len(lat_1) / t1:.1f} req/s")
-        p99z, p991 = float(np.percentile(lat_z, 99)), float(np.percentile(lat_1, 99))
         self.put("zipf_p99_ratio", p99z / p991, "e zipf", f"p99 {p99z * 1000:.1f} vs {p991 * 1000:.1f} ms per batch")
         self.put("zipf_pool_hit_rate", hits / max(asked, 1), "e zipf",
                  f"{s1['prefetches'] - s0['prefetches']} prefetches, {s1['evictions'] - s0['evictions']} evictions")
@@ -443,10 +457,11 @@ class Bench:
         self.results["zipf_tasks"] = n_tasks
         self.results["zipf_registration_s"] = round(reg_s, 1)
         self.row("e zipf", "registration", f"{reg_s:.1f} s", f"{n_tasks} bundles saved + registered")
-        self.row("e zipf", "first sight", f"{prep_s:.1f} s", f"{n_tasks} tasks resolved + files verified (sha256) "
+        self.row("e zipf", "first sight", f"{prep_s:.1f} s", f"{n_tasks} tasks resolved + bundle directories built "
                  "once, before the stream (steady state of a long-running server)")
         self.results["zipf_prepare_s"] = round(prep_s, 1)
         engine.close()
+        return figures
 
     def compile_report(self) -> None:
         e0, hs0 = self.engine, self.handles
@@ -612,11 +627,31 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1: on a shared, busy "
                     "machine OpenMP threads that wait for a descheduled peer make every timing noisy)")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: a,b,c,d,e,vitb")
+    ap.add_argument("--tasks", default=None, help="registry scale instead of (a)-(f): comma-separated task "
+                    "counts, e.g. 1000,10000 (registration, ls, /v1/tasks, resolve, cold and first loads, Zipf; "
+                    "see benchmarks/scale.py)")
+    ap.add_argument("--databases", default="sqlite,postgresql", help="with --tasks: sqlite and/or postgresql")
+    ap.add_argument("--postgres", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres",
+                    help="with --tasks: a PostgreSQL server (a fresh database is created on it, then dropped)")
+    ap.add_argument("--scale-contents", type=int, default=50, help="with --tasks: distinct bundle contents; "
+                    "the other tasks reuse them under their own names")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     torch.manual_seed(0)
     torch.set_num_threads(args.threads or 1)
     bench = Bench(args)
+    if args.tasks:
+        from scale import run_scale
+
+        try:
+            sizes = [int(x) for x in args.tasks.split(",")]
+            kinds = [k for k in args.databases.split(",") if k]
+            bench.results["scale"] = run_scale(bench, sizes, kinds, args.postgres, args.scale_contents)
+            bench.report()
+        finally:
+            bench.reg.close()
+            bench.tmp.cleanup()
+        return
     try:
         bench.setup()
         if "a" not in skip:

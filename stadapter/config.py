@@ -172,7 +172,13 @@ class TaskSpec:
 class TrainConfig:
     """Optimisation settings (official recipes: AdamW, lr 1e-3 per 256 clips scaled linearly, wd 0.01 on
     weights only, linear warmup then cosine per step, AMP). Adapters, head and optimizer state stay fp32 under
-    either autocast."""
+    either autocast.
+
+    lr_ref_batch: the recipe's own batch (set by :func:`stadapter.recipes.preset`). At and above it the peak
+    learning rate is ``lr_per_256 * batch / 256`` (the paper's linear rule); below it the rate is not scaled
+    down further: it stays ``lr_per_256 * lr_ref_batch / 256``, the recipe's rate at its own batch (the floor
+    rule, :func:`stadapter.training.optim.scaled_lr`). None: linear at every batch.
+    """
 
     epochs: float = 12
     warmup_epochs: float = 2
@@ -189,8 +195,11 @@ class TrainConfig:
     eval_every: float = 5
     num_workers: int = 2
     cache_clips: bool = False  # keep decoded clips in memory across epochs (small datasets; loads in-process)
+    lr_ref_batch: int | None = None  # the recipe's batch: the learning rate's floor (see the class docstring)
 
     def __post_init__(self) -> None:
+        if self.lr_ref_batch is not None and self.lr_ref_batch < 1:
+            raise ConfigError(f"lr_ref_batch must be >= 1 or None, got {self.lr_ref_batch}")
         if self.epochs <= 0:
             raise ConfigError(f"epochs must be positive, got {self.epochs}")
         if self.warmup_epochs < 0:

@@ -74,7 +74,7 @@ def _train_one(method: str, task: str, s: DemoSettings, ds: SynthSet, out: Path,
     train = dict(epochs=s.probe_epochs if probe else s.epochs, batch_size=s.batch_size,
                  lr_per_256=s.probe_lr_per_256 if probe else s.lr_per_256, conv_lr_mult=s.conv_lr_mult,
                  warmup_epochs=0.25, eval_every=0, seed=s.seed, num_workers=0, checkpoint_every=10_000,
-                 cache_clips=True)
+                 cache_clips=True, lr_ref_batch=None)  # the rates above are tuned as absolute rates
     spec = dict(num_frames=s.frames, sampling=s.sampling, frame_stride=2, train_crop="random", scale_range=(1.0, 1.1),
                 flip=False, temporal_views=1, spatial_views=1)
     recipe = resolve_recipe(task, "custom", adapter, spec, train)
@@ -84,7 +84,8 @@ def _train_one(method: str, task: str, s: DemoSettings, ds: SynthSet, out: Path,
                          device="cpu", log=log, progress=progress,
                          extra={"data": {"train": str(ds.train), "val": str(ds.val), "num_train": len(tr.samples),
                                          "kind": "stadapter data synth", "seed": s.seed}},
-                         register=register, registry=registry, source={"kind": "demo"}, data="stadapter data synth")
+                         register=register, registry=registry, source={"kind": "demo"}, data="stadapter data synth",
+                         overwrite=True)
     top1 = float((outcome.metrics or {}).get("top1", float("nan")))
     return MethodResult(method, top1, outcome.trainable_params, outcome.seconds, outcome.bundle_dir,
                         outcome.registered)

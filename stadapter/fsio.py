@@ -113,14 +113,15 @@ def publish_file(dest: Path, write: Callable[[BinaryIO], object], *, prefix: str
     return dest
 
 
-def publish_dir(dest: Path, write: Callable[[Path], None], *, sync_files: bool = True,
+def publish_dir(dest: Path, write: Callable[[Path], None], *, sync_files: bool = True, durable: bool = True,
                 keep_existing: Callable[[Path], bool] | None = None) -> Path:
     """Create the directory ``dest`` (absent, or an empty directory) all at once.
 
     ``write(staging)`` fills a new temporary sibling of ``dest`` (named ``.{dest.name}.*``). Its files (unless
     ``sync_files`` is false, e.g. for hard links to files already durable) and the directory itself are then
     fsynced, it is renamed onto ``dest``, and the parent directory is fsynced. When ``write`` or the rename
-    raises, the temporary directory is removed and ``dest`` is left as it was.
+    raises, the temporary directory is removed and ``dest`` is left as it was. ``durable=False`` skips every
+    fsync (still all at once, but a crash may lose it): for a cache that is checked and rebuilt when incomplete.
 
     keep_existing: asked when the rename fails because ``dest`` was filled meanwhile (another process built
     the same directory); when it answers True that directory is kept and this copy dropped, else the error
@@ -130,17 +131,19 @@ def publish_dir(dest: Path, write: Callable[[Path], None], *, sync_files: bool =
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))  # matches STAGING_RE
     try:
         write(staging)
-        if sync_files:
+        if sync_files and durable:
             for f in staging.iterdir():
                 fsync_file(f)
-        fsync_dir(staging)
+        if durable:
+            fsync_dir(staging)
         try:
             os.rename(staging, dest)  # POSIX: replaces an empty directory, refuses a non-empty one
         except OSError:
             if keep_existing is None or not dest.is_dir() or not keep_existing(dest):
                 raise
             shutil.rmtree(staging, ignore_errors=True)
-        fsync_dir(dest.parent)
+        if durable:
+            fsync_dir(dest.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

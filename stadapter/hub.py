@@ -8,7 +8,9 @@ What this module guarantees:
 * Endpoint and token come from the arguments, else ``HF_ENDPOINT`` / ``HF_TOKEN`` read at call time, and are
   passed explicitly to huggingface_hub (it reads its environment once, at import). A token stored by
   ``hf auth login`` is used only for the default endpoint, so it never travels to a mirror or a test server.
-  The token never appears in a message or a log line.
+  The token never appears in a message or a log line. An endpoint without Xet storage (a mirror, a private
+  Hub, tests/hub_server.py) is detected by its xet token route failing: the push warns and goes through Git
+  LFS instead (huggingface_hub's HF_HUB_DISABLE_XET, for the rest of the process).
 * Every request has a timeout (huggingface_hub leaves some calls without one: a request hook fills in ours),
   transient failures (5xx, 429, connection reset, timeouts) are retried with exponential backoff within the
   timeout, and failures become one-line :class:`~stadapter.errors.HubError` messages: token refused (401),
@@ -150,6 +152,16 @@ def _sync_env() -> None:
         constants.HF_HUB_DISABLE_XET = True
 
 
+def _fall_back_to_lfs() -> bool:
+    """Turn Xet off for this process (uploads then use Git LFS); False when it already was off."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_DISABLE_XET:
+        return False
+    constants.HF_HUB_DISABLE_XET = True
+    return True
+
+
 # -- timeouts on every request -------------------------------------------------------------------------
 
 _FILL_TIMEOUT: float | None = None
@@ -222,8 +234,15 @@ def _kinds(e: BaseException) -> set[str]:
     return {cls.__name__ for c in _chain(e) for cls in type(c).__mro__}
 
 
+def _xet_refused(e: BaseException) -> bool:
+    """Whether the endpoint answered, but without Xet storage (its xet token route is missing or refused):
+    huggingface_hub uploads large files through Xet when hf_xet is installed, a mirror or a private Hub may
+    speak only Git LFS."""
+    return any(re.search(r"/xet-(write|read)-token/", str(c)) for c in _chain(e))
+
+
 def _transient(e: BaseException) -> bool:
-    if isinstance(e, (HubError, BundleError)):
+    if isinstance(e, (HubError, BundleError)) or _xet_refused(e):
         return False
     kinds = _kinds(e)
     if kinds & {"RepositoryNotFoundError", "RevisionNotFoundError", "EntryNotFoundError", "GatedRepoError",
@@ -266,6 +285,10 @@ class _Hub:
         kinds, status = _kinds(e), _status(e)
         at = f"the Hub at {self.endpoint}"
         no_token = not isinstance(self.token, str)
+        if _xet_refused(e):
+            return HubError(f"{what}: {at} was reached but does not offer Xet storage (its xet token route "
+                            f"answered {_status(e) or 'an error'}), which huggingface_hub uses for large files when "
+                            f"hf_xet is installed; set HF_HUB_DISABLE_XET=1 to upload through Git LFS")
         if "OfflineModeIsEnabled" in kinds:
             return HubError(f"{what}: HF_HUB_OFFLINE is set, so {at} is not contacted; unset it, or pull a "
                             f"revision that is already in the local cache")
@@ -325,6 +348,10 @@ class _Hub:
             except (HubError, BundleError):
                 raise
             except Exception as e:  # noqa: BLE001 - translated below
+                if _xet_refused(e) and _fall_back_to_lfs():
+                    log.warning("%s: %s does not offer Xet storage; uploading through Git LFS instead "
+                                "(set HF_HUB_DISABLE_XET=1 to skip the attempt)", what, self.endpoint)
+                    continue
                 wait = BACKOFF_S * 2 ** (attempt - 1) * (1 + 0.25 * random.random())
                 elapsed = time.monotonic() - start
                 if not _transient(e) or attempt >= MAX_ATTEMPTS or elapsed + wait > self.timeout:
@@ -664,6 +691,29 @@ def _copy_verified(path: Path, name: str, entry: dict[str, Any], staging: Path, 
     shutil.copyfile(blob, staging / name)
 
 
+def fetch_files(repo: str, commit: str, names: list[str], *, endpoint: str | None = None,
+                token: str | None = None, cache_dir: str | Path | None = None,
+                timeout: float = DEFAULT_TIMEOUT) -> dict[str, Path]:
+    """Download the files ``names`` of ``repo`` at exactly ``commit`` (a full sha) into the Hub cache, with the
+    same transport, retries and errors as :func:`pull`, and return ``{name: cached file}`` (the cache's snapshot
+    links) for those the commit holds; the others are left out. Nothing is verified here: the caller checks
+    every file against the sha256 it expects (``stadapter.registry.remote`` against a registry row's), and must
+    :func:`forget` one that does not match. With HF_HUB_OFFLINE=1 only the local cache is read."""
+    check_repo_id(repo)
+    if not SHA_RE.match(commit):
+        raise HubError(f"fetch from {repo}: commit must be a full 40-character sha, got {commit!r}")
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    offline = is_offline()
+    hub = _Hub(endpoint, token, timeout)
+    present = set(names) if offline else set(hub.snapshot(repo, commit)[1])
+    return {name: hub.download(repo, name, commit, cache, offline) for name in names if name in present}
+
+
+def forget(path: Path) -> None:
+    """Drop a cached Hub file that failed its check, so that a later fetch downloads it again."""
+    _forget(path)
+
+
 # -- registry versions -----------------------------------------------------------------------------------
 # The registry imports nothing from here; it is imported lazily so that this module loads without SQLAlchemy.
 if TYPE_CHECKING:
@@ -751,5 +801,6 @@ def pull_version(registry: Registry, repo: str, revision: str | None = None, *, 
 
 
 __all__ = ["DEFAULT_ENDPOINT", "DEFAULT_TIMEOUT", "PullResult", "PushResult", "VersionPull", "VersionPush",
-           "check_content", "check_repo_id", "default_cache_dir", "is_offline", "parse_repo_ref", "pull",
+           "check_content", "check_repo_id", "default_cache_dir", "fetch_files", "forget", "is_offline",
+           "parse_repo_ref", "pull",
            "pull_version", "push", "push_version", "resolve_endpoint", "resolve_revision", "resolve_token"]

@@ -13,6 +13,9 @@
     # title, labels, frames and views, sampling, the recipe, trainable parameters, how to pull and predict
 
 The card is a pure function of the bundle (no dates), so pushing the same bundle twice gives the same bytes.
+It never publishes a local filesystem path: a backbone loaded from a local weights file is named by its spec, the
+file's name and its fingerprint (:func:`public_weights`), and data paths by their file names (:func:`public`).
+The bundle's figures (``curves.png``, ``confusion.png``) are shown in it, linked relative to the repository.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
 
 import yaml
@@ -53,6 +57,44 @@ def base_model_id(backbone: dict[str, Any]) -> str | None:
     if lib == "timm" and weights == "pretrained":
         return f"timm/{rest}" if "." in rest else None  # timm hosts tagged models as timm/NAME.TAG
     return HUB_BACKBONES.get((lib, rest, str(weights)))
+
+
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".npz", ".pkl")
+FIGURES = {"curves.png": "Training curves (loss, learning rate, validation accuracy)",
+           "confusion.png": "Validation confusion matrix (rows: true class, columns: predicted)"}
+
+
+def _is_path(text: str) -> bool:
+    return "/" in text or "\\" in text or text.lower().endswith(WEIGHT_FILE_SUFFIXES)
+
+
+def _file_name(text: str) -> str:
+    return PureWindowsPath(PurePosixPath(text).name).name
+
+
+def public_weights(weights: Any) -> str | None:
+    """The backbone's weights as the card names them: a pretrained tag as it is, a local file as
+    ``local file NAME`` (never its folder)."""
+    if weights is None:
+        return None
+    text = str(weights)
+    if text.startswith("file:"):
+        text = text[len("file:"):]
+    elif not _is_path(text):
+        return text
+    return f"local file {_file_name(text)}"
+
+
+def public(value: Any) -> Any:
+    """``value`` with every string that looks like a filesystem path cut to its file name (dicts and lists
+    walked)."""
+    if isinstance(value, dict):
+        return {k: public(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [public(v) for v in value]
+    if isinstance(value, str) and _is_path(value):
+        return _file_name(value)
+    return value
 
 
 def _norm(key: str) -> str:
@@ -160,7 +202,8 @@ def card_metadata(bundle: Bundle, *, repo: str | None = None, version: int | Non
         info["version"] = version
     info |= {"format_version": FORMAT_VERSION, "method": bundle.adapter.method, "num_classes":
              bundle.adapter.num_classes, "num_frames": bundle.spec.num_frames, "backbone": spec,
-             "backbone_weights": backbone.get("weights"), "backbone_fingerprint": backbone.get("fingerprint")}
+             "backbone_weights": public_weights(backbone.get("weights")),
+             "backbone_fingerprint": backbone.get("fingerprint")}
     meta["stadapter"] = info
     return meta
 
@@ -179,8 +222,8 @@ def render_card(bundle: Bundle, *, repo: str | None = None, version: int | None 
     front = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=100).rstrip(), "---", ""]
     sections = [front, _intro_section(bundle, version, backbone), _results_section(bundle),
                 _usage_section(bundle, repo or "ORG/NAME", revision), _input_section(bundle, backbone),
-                _adapter_section(bundle, backbone), _recipe_section(bundle), _labels_section(bundle),
-                _files_section(bundle)]
+                _adapter_section(bundle, backbone), _recipe_section(bundle), _figures_section(bundle),
+                _labels_section(bundle), _files_section(bundle)]
     return "\n".join(line for section in sections for line in section)
 
 
@@ -190,7 +233,8 @@ def _intro_section(bundle: Bundle, version: int | None, backbone: dict[str, Any]
     lines = [f"# {title}: ST-Adapter video classifier", ""]
     lines += [f"An adapter bundle for stadapter: {a.num_classes} classes, "
               f"method `{a.method}` on the frozen backbone `{backbone.get('spec')}` "
-              f"(weights `{backbone.get('weights')}`). Only the adapters and the head were trained; the backbone "
+              f"(weights `{public_weights(backbone.get('weights'))}`, fingerprint `{backbone.get('fingerprint')}`). "
+              f"Only the adapters and the head were trained; the backbone "
               f"is shared by every task and is not part of this repository.", ""]
     desc = bundle.extra.get("description")
     if isinstance(desc, str) and desc.strip():
@@ -271,9 +315,21 @@ def _recipe_section(bundle: Bundle) -> list[str]:
         lines += [f"Preset: `{recipe}`.", ""]
     if isinstance(train, dict) and train:
         lines += ["```json", json.dumps(train, indent=1, sort_keys=True), "```", ""]
-    data = bundle.extra.get("data")
+    data = public(bundle.extra.get("data"))
     if data:
         lines += [f"Data: {data if isinstance(data, str) else json.dumps(data, sort_keys=True)}", ""]
+    return lines
+
+
+def _figures_section(bundle: Bundle) -> list[str]:
+    """The bundle's figures, shown from the repository's own files (relative links)."""
+    names = [n for n in FIGURES if n in bundle.figures] + sorted(n for n in bundle.figures if n not in FIGURES)
+    if not names:
+        return []
+    lines = ["## Training figures", ""]
+    for name in names:
+        caption = FIGURES.get(name, name)
+        lines += [f"{caption}:", "", f"![{caption}]({name})", ""]
     return lines
 
 
@@ -289,6 +345,7 @@ def _files_section(bundle: Bundle) -> list[str]:
     return ["## Files", "", "`adapter.safetensors` (adapter and head tensors; safetensors only), `config.json` "
             "(adapter config, task spec, backbone), `labels.json`, `README.md`"
             + (", `metrics.json`" if bundle.metrics is not None else "")
+            + "".join(f", `{name}`" for name in sorted(bundle.figures))
             + ", and `manifest.json` (sha256 and size of every other file, bundle format "
             f"version {FORMAT_VERSION}).", "",
             f"Written by stadapter {__version__}. ST-Adapter: Pan, Lin et al., *ST-Adapter: Parameter-Efficient "
@@ -312,5 +369,5 @@ def parse_card(text: str) -> tuple[dict[str, Any], str]:
     return meta, text[end + 5:]
 
 
-__all__ = ["base_model_id", "card_metadata", "datasets_of", "parse_card", "render_card", "top_k",
-           "trainable_parameters"]
+__all__ = ["base_model_id", "card_metadata", "datasets_of", "parse_card", "public", "public_weights",
+           "render_card", "top_k", "trainable_parameters"]

@@ -32,6 +32,7 @@ def test_single_head_and_linear_history():
     revisions = list(script.walk_revisions())
     assert all(isinstance(r.down_revision, (str, type(None))) for r in revisions)  # no merge points
     assert [r for r, _, _ in dbm.history()][-1] == dbm.head_revision()
+    assert script.get_heads() == [dbm.head_revision()]  # read from the files without Alembic, as Alembic reads it
 
 
 def test_migrations_ship_in_the_package():
@@ -99,10 +100,9 @@ def test_unmigrated_database_names_the_command(empty_db, tmp_path):
         engine.dispose()
 
 
-def test_older_schema_raises_and_upgrade_fixes(tmp_path, monkeypatch):
+def test_older_schema_raises_and_upgrade_fixes(tmp_path):
     """A database behind the packaged head: opening it explicitly says to run `stadapter db upgrade`, and
-    that command makes it usable. Only one revision ships so far, so "behind" is the base (empty) schema,
-    plus a pretend newer head for the message of a database at an older known revision."""
+    that command makes it usable. "Behind" is the base (empty) schema, then the first revision (0001)."""
     url = f"sqlite:///{tmp_path / 'old.db'}"
     engine = dbm.make_engine(url)
     try:
@@ -111,13 +111,46 @@ def test_older_schema_raises_and_upgrade_fixes(tmp_path, monkeypatch):
         with pytest.raises(RegistryError, match=r"has no stadapter registry schema; create it with `stadapter db "
                                                 r"upgrade --db sqlite:///"):
             open_registry(url, tmp_path / "home")
+        dbm.upgrade(engine, "0001")
+        head = dbm.head_revision()
+        assert head != "0001"
+        with pytest.raises(RegistryError, match=rf"at schema revision 0001, older than this stadapter's {head}; "
+                                                r"run `stadapter db upgrade"):
+            open_registry(url, tmp_path / "home")
         dbm.upgrade(engine, "head")
         with open_registry(url, tmp_path / "home") as reg:
             assert reg.list_tasks() == []
-        monkeypatch.setattr(dbm, "head_revision", lambda: "9999")
-        with pytest.raises(RegistryError, match=r"at schema revision 0001, older than this stadapter's 9999; "
-                                                r"run `stadapter db upgrade"):
-            open_registry(url, tmp_path / "home")
+    finally:
+        engine.dispose()
+
+
+def test_0002_backfills_source_columns_and_adds_indexes(empty_db, tmp_path):
+    """Versions registered at revision 0001 (source only as JSON) are found by repo + commit after the upgrade
+    to 0002, which fills the new indexed columns from that JSON."""
+    engine = dbm.make_engine(empty_db)
+    try:
+        dbm.upgrade(engine, "0001")
+        assert "source_repo" not in {c["name"] for c in sa.inspect(engine).get_columns("adapter_versions")}
+        with engine.begin() as conn:  # a row as revision 0001 wrote it
+            conn.execute(sa.text("INSERT INTO backbones (id, spec, fingerprint, created_at) "
+                                 "VALUES (1, 'tiny', 'fp', CURRENT_TIMESTAMP)"))
+            conn.execute(sa.text("INSERT INTO tasks (id, name, last_version, created_at) "
+                                 "VALUES (1, 'k400', 2, CURRENT_TIMESTAMP)"))
+            for vid, source in ((1, '{"kind": "hub", "repo": "org/k400", "commit": "c0ffee"}'),
+                                (2, '{"kind": "hub", "repo": ["not", "a", "string"], "commit": 7}')):
+                conn.execute(sa.text(
+                    "INSERT INTO adapter_versions (id, task_id, version, backbone_id, config, labels, files, "
+                    "storage, source, status, created_at) VALUES (:id, 1, :id, 1, '{}', '[]', '{}', '', :src, "
+                    "'ready', CURRENT_TIMESTAMP)"), {"id": vid, "src": source})
+        dbm.upgrade(engine, "head")
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text("SELECT id, source_repo, source_commit FROM adapter_versions "
+                                        "ORDER BY id")).all()
+        assert [tuple(r) for r in rows] == [(1, "org/k400", "c0ffee"), (2, None, None)]
+        indexes = {i["name"] for t in ("adapter_versions", "tags") for i in sa.inspect(engine).get_indexes(t)}
+        assert {"ix_adapter_versions_source", "ix_adapter_versions_parent_id", "ix_tags_key"} <= indexes
+        dbm.downgrade(engine, "0001")
+        assert "source_repo" not in {c["name"] for c in sa.inspect(engine).get_columns("adapter_versions")}
     finally:
         engine.dispose()
 

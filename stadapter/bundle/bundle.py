@@ -12,13 +12,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from stadapter.bundle.config import check_labels, read_config, read_json
+from stadapter.bundle.content import is_png
 from stadapter.bundle.format import (
     CARD,
     CONFIG,
     FORMAT_VERSION,
     LABELS,
+    MAX_IMAGE_BYTES,
     METRICS,
     TENSORS,
+    unsafe_names,
     write_manifest,
 )
 from stadapter.bundle.validate import check_bundle
@@ -37,9 +40,15 @@ class Bundle:
     tensors: dict[str, torch.Tensor]
     metrics: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. training recipe, data description
+    figures: dict[str, bytes] = field(default_factory=dict)  # NAME.png -> PNG bytes (curves, confusion matrix)
 
     def __post_init__(self) -> None:
         check_labels(self.labels, self.adapter.num_classes, f"bundle {self.task!r}")
+        for name, data in self.figures.items():
+            if not name.endswith(".png") or unsafe_names([name]) or not is_png(data[:16]) \
+                    or len(data) > MAX_IMAGE_BYTES:
+                raise BundleError(f"bundle {self.task!r}: figure {name!r} is not a PNG file of at most "
+                                  f"{MAX_IMAGE_BYTES} bytes with a plain .png name")
         head = self.tensors.get("head.weight")
         if head is not None and head.shape[0] != len(self.labels):
             raise BundleError(f"bundle {self.task!r}: head has {head.shape[0]} rows for {len(self.labels)} labels")
@@ -66,6 +75,8 @@ class Bundle:
         (directory / CARD).write_text(card if card is not None else default_card(self))
         if self.metrics is not None:
             (directory / METRICS).write_text(json.dumps(self.metrics, indent=2, sort_keys=True) + "\n")
+        for name, data in self.figures.items():
+            (directory / name).write_bytes(data)
         write_manifest(directory)
 
     # -- reading -----------------------------------------------------------------------------------
@@ -84,8 +95,10 @@ class Bundle:
             tensors = load_file(str(directory / TENSORS))
         except (OSError, SafetensorError) as e:
             raise BundleError(f"{where}: cannot read {TENSORS}: {e}") from e
+        figures = {f.name: f.read_bytes() for f in sorted(directory.glob("*.png"))}  # checked by check_bundle
         return cls(task=parsed.task, adapter=parsed.adapter, spec=parsed.spec, backbone=parsed.backbone,
-                   labels=list(parsed.labels), tensors=tensors, metrics=metrics, extra=parsed.extra)
+                   labels=list(parsed.labels), tensors=tensors, metrics=metrics, extra=parsed.extra,
+                   figures=figures)
 
     def check_backbone(self, fingerprint: str, spec: str = "") -> None:
         """Refuse a backbone other than the one this bundle was trained on, naming both."""

@@ -104,6 +104,12 @@ def _naturals(values: Any) -> tuple[int, ...] | None:
     return tuple(values)
 
 
+def is_png(head: bytes) -> bool:
+    """Whether the first 16 bytes of a file are a PNG's: the signature, then the IHDR chunk (the PNG rule that
+    IHDR comes first), so a renamed file of another kind is refused."""
+    return head[:8] == PNG_SIGNATURE and head[12:16] == b"IHDR"
+
+
 def is_pickle(head: bytes) -> bool:
     """Whether the first bytes of a file are a pickle's (protocol 2-5) or a zip's (a torch checkpoint)."""
     return (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")) or head[:4] == b"PK\x03\x04"
@@ -143,5 +149,5 @@ def _check_open_content(path: Path, name: str, where: str) -> None:
                 f.read().decode("utf-8")
             except UnicodeDecodeError:
                 raise BundleError(f"{where}: refusing {name}: not UTF-8 text") from None
-        elif name.endswith(".png") and head[:8] != PNG_SIGNATURE:
+        elif name.endswith(".png") and not is_png(head):
             raise BundleError(f"{where}: refusing {name}: not a PNG image")

@@ -6,10 +6,11 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from stadapter.errors import StadapterError
 from stadapter.video.decode import DecodeLimits
@@ -24,13 +25,19 @@ BackboneOpt = Annotated[str, typer.Option(
     help="Backbone spec: open_clip:MODEL, timm:MODEL (with ?key=value options), or an alias: tiny, small.")]
 WeightsOpt = Annotated[str | None, typer.Option(
     "--weights", "-w",
-    help="Backbone weights: 'none' (seeded random init), a local .safetensors/.bin/.pt file, or a pretrained "
-         "tag (open_clip default 'openai', timm 'pretrained'; these download).")]
+    help="Backbone weights: 'none' (seeded random init), a local .safetensors/.bin/.pt file (bundles name it "
+         "file:NAME with its fingerprint; this machine remembers where it was loaded from), or a pretrained tag "
+         "(open_clip default 'openai', timm 'pretrained'; these download).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the human-readable output.")]
 DbOpt = Annotated[str | None, typer.Option(
     "--db", envvar="STADAPTER_DB", show_default=False,
     help="Registry database: an SQLAlchemy URL or an SQLite file. Default: SQLite at $STADAPTER_HOME/registry.db.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N, or auto (CUDA when available).")]
+VerifyOpt = Annotated[Literal["store", "always"], typer.Option(
+    "--verify",
+    help="store: trust the blob store (every file was hashed once, when it was registered or pulled; its sha256 "
+         "is its name), check sizes and headers on a first load; always: hash every file again on each process's "
+         "first load of a version.")]
 MaxPixelsOpt = Annotated[int, typer.Option(
     "--max-pixels", min=1, help="Refuse clips whose frames have more pixels (width x height); checked from the "
                                 "headers before decoding.")]
@@ -47,7 +54,7 @@ def decode_limits(max_pixels: int, max_frames: int, max_seconds: float, max_deco
 
 
 def fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
 
 

@@ -34,6 +34,9 @@ def push(
     db: DbOpt = None,
     timeout: TimeoutOpt = 30.0,
     as_json: JsonOpt = False,
+    publish: Annotated[bool, typer.Option(
+        "--publish", help="Also copy the version's files to the shared store ($STADAPTER_STORE), for machines "
+                          "that share the database but not the Hub.")] = False,
 ) -> None:
     """Upload a registered version to the Hub with its model card, tagged v<VERSION>.
 
@@ -44,9 +47,20 @@ def push(
 
     parse_ref(ref)
     check_repo_id(repo)  # both before the registry is opened
+    if publish:
+        from stadapter.errors import RegistryError
+        from stadapter.registry.remote import ENV, shared_store
+
+        if shared_store() is None:
+            raise RegistryError(f"--publish needs a shared store: set {ENV} (file:///path, s3://bucket/prefix, "
+                                f"gs://bucket/prefix)")
     with open_registry(db) as reg:
         pushed = push_version(reg, ref, repo, endpoint=endpoint, token=token, private=private, branch=branch,
                               timeout=timeout)
+        if publish:
+            from stadapter.registry.remote import publish_version
+
+            publish_version(reg, pushed.info)
     info, result = pushed.info, pushed.result
     if as_json:
         typer.echo(json.dumps({"ref": info.ref, "repo": repo, "commit": result.commit, "tag": result.tag,

@@ -24,12 +24,12 @@ def model_info(
 ) -> None:
     """Trainable and total parameters, and GMACs per view counted over a real forward pass.
 
-    GMACs count one multiply-add once (as fvcore, which the paper used). Use --weights none to avoid any
-    download; the counts do not depend on the weights.
+    GMACs count one multiply-add once (as fvcore, which the paper used). The counts do not depend on the
+    weights, so by default none are read or downloaded (a seeded random init); --weights loads them anyway.
     """
     from stadapter.model.summary import summarize_preset
 
-    s = summarize_preset(backbone, weights, preset, num_classes=num_classes, frames=frames, method=method)
+    s = summarize_preset(backbone, weights or "none", preset, num_classes=num_classes, frames=frames, method=method)
     if as_json:
         typer.echo(json.dumps(s.to_dict()))
         return

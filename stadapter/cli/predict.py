@@ -17,6 +17,7 @@ from stadapter.cli.common import (
     MaxFramesOpt,
     MaxPixelsOpt,
     MaxSecondsOpt,
+    VerifyOpt,
     console,
     decode_limits,
     err_console,
@@ -44,6 +45,7 @@ def predict(
     max_frames: MaxFramesOpt = DEFAULT_LIMITS.max_frames,
     max_seconds: MaxSecondsOpt = DEFAULT_LIMITS.max_seconds,
     max_decoded_mb: MaxDecodedMbOpt = DEFAULT_LIMITS.max_decoded_bytes >> 20,
+    verify: VerifyOpt = "store",
 ) -> None:
     """Top-k labels of each clip for each task. Each clip is decoded once; every task applies its own frame
     sampler and test views (softmax averaged over views). A clip that cannot be decoded, or is over the decode
@@ -58,6 +60,7 @@ def predict(
     if len(set(refs)) != len(refs):
         raise InputError(f"--task repeats a task: {task}")
     with open_registry(db) as reg:
+        reg.verify = verify
         found = predict_files(reg, clips, refs, k=top_k, device=device, backbone=backbone, weights=weights,
                               limits=decode_limits(max_pixels, max_frames, max_seconds, max_decoded_mb))
     if json_out:

@@ -1,4 +1,4 @@
-"""Registry commands: `stadapter db ...`, `ls`, `show`, `alias ...`, `rm`, `export`, `import`, `gc`."""
+"""Registry commands: `stadapter db ...`, `ls`, `show`, `alias ...`, `rm`, `export`, `import`, `gc`, `publish`."""
 
 from __future__ import annotations
 
@@ -133,14 +133,26 @@ def _metrics(metrics: dict[str, Any] | None) -> str:
 
 @user_errors
 def ls(task: Annotated[str | None, typer.Argument(help="List this task's versions.", show_default=False)] = None,
+       limit: Annotated[int, typer.Option("--limit", min=1, max=1000, help="Tasks per page.")] = 100,
+       after: Annotated[str | None, typer.Option(
+           "--after", show_default=False, help="Start after this task name (the previous page's last; --json "
+                                               "prints it as next_after).")] = None,
+       prefix: Annotated[str | None, typer.Option("--prefix", show_default=False,
+                                                  help="Only tasks whose names start with this.")] = None,
+       alias: Annotated[str | None, typer.Option("--alias", show_default=False,
+                                                 help="Only tasks with this alias (e.g. production).")] = None,
+       tag: Annotated[str | None, typer.Option("--tag", show_default=False,
+                                               help="Only tasks with a version tagged KEY or KEY=VALUE.")] = None,
        db: DbOpt = None, as_json: JsonOpt = False) -> None:
-    """Tasks with their versions, aliases and latest metrics; or one task's versions."""
+    """Tasks by name with their versions, aliases and latest metrics, a page at a time (one database query
+    whatever the number of tasks); or one task's versions."""
     _check_names(task=task)
     with _open(db) as reg:
         if task is None:
-            tasks = reg.list_tasks()
+            page = reg.list_page(limit, after, prefix, alias, tag)
+            tasks = page.tasks
             if as_json:
-                typer.echo(json.dumps({"tasks": [t.to_dict() for t in tasks]}))
+                typer.echo(json.dumps({"tasks": [t.to_dict() for t in tasks], "next_after": page.next_after}))
                 return
             table = Table(title=f"tasks in {reg.url.split('://')[0]} registry")
             for col in ("task", "versions", "latest", "aliases", "latest metrics", "recipe"):
@@ -149,7 +161,11 @@ def ls(task: Annotated[str | None, typer.Argument(help="List this task's version
                 table.add_row(t.name, str(t.versions), str(t.latest or "-"),
                               ", ".join(f"{a}->{v}" for a, v in t.aliases.items()) or "-",
                               _metrics(t.latest_metrics), t.recipe or "-")
-            console.print(table if tasks else "no tasks registered yet", highlight=False)
+            filtered = after or prefix or alias or tag
+            console.print(table if tasks else ("no tasks match" if filtered else "no tasks registered yet"),
+                          highlight=False)
+            if page.next_after is not None:
+                console.print(f"more tasks follow: stadapter ls --after {page.next_after}", highlight=False)
             return
         versions = reg.list_versions(task)
     if as_json:
@@ -164,6 +180,19 @@ def ls(task: Annotated[str | None, typer.Argument(help="List this task's version
                       f"{v.hub_repo}@{(v.hub_commit or '')[:8]}" if v.hub_repo else "-",
                       v.created_at.strftime("%Y-%m-%d %H:%M"))
     console.print(table)
+
+
+def _place(path: str) -> str:
+    """A recorded path, labelled when it is relative (to the folder the recording command ran in)."""
+    return path if Path(path).is_absolute() else f"{path} (relative to the folder the command ran in)"
+
+
+def _source(source: dict[str, Any] | None) -> str:
+    """``kind``, then its other fields; the local paths a training run or an import recorded via _place."""
+    if not source:
+        return "-"
+    rest = [f"{k} {_place(str(v)) if k in ('run', 'path') else v}" for k, v in sorted(source.items()) if k != "kind"]
+    return ", ".join([str(source.get("kind", "?")), *rest])
 
 
 @user_errors
@@ -187,9 +216,9 @@ def show(ref: RefArg, db: DbOpt = None, as_json: JsonOpt = False) -> None:
     table.add_row("metrics", json.dumps(info.metrics, sort_keys=True) if info.metrics else "-")
     table.add_row("files", "\n".join(f"{n}  {e['size']:,} B  {e['sha256'][:16]}"
                                      for n, e in sorted(info.files.items())))
-    table.add_row("source", json.dumps(info.source, sort_keys=True) if info.source else "-")
+    table.add_row("source", _source(info.source))
     table.add_row("parent", info.parent or "-")
-    table.add_row("data", info.data or "-")
+    table.add_row("data", _place(info.data) if info.data else "-")
     table.add_row("hub", f"{info.hub_repo} @ {info.hub_commit}" + (f" (tag {info.hub_tag})" if info.hub_tag else "")
                   if info.hub_repo else "-")
     table.add_row("tags", ", ".join(f"{k}={v}" for k, v in info.tags.items()) or "-")
@@ -242,15 +271,38 @@ def rm(ref: Annotated[str, typer.Argument(help="TASK:VERSION", show_default=Fals
 
 
 @user_errors
-def export(ref: RefArg, directory: Annotated[Path, typer.Argument(help="Destination (absent or empty).",
-                                                                  show_default=False)],
+def export(ref: RefArg, path: Annotated[Path, typer.Argument(
+               help="Destination: a directory (absent or empty) for --format bundle, a file for onnx or "
+                    "torchscript (its sidecar is written beside it as PATH.json).", show_default=False)],
+           fmt: Annotated[str, typer.Option(
+               "--format", "-f", help="bundle: the version's bundle directory. onnx / torchscript: one "
+                                      "self-contained model (backbone + this task's adapters + head): normalised "
+                                      "clips (B, 3, T, H, W) in, logits out, checked against the eager model.")]
+           = "bundle",
+           weights: Annotated[str | None, typer.Option(
+               "--weights", "-w", help="onnx / torchscript: backbone weights to build it from (default: the "
+                                       "bundle's; must give the same fingerprint).", show_default=False)] = None,
            db: DbOpt = None) -> None:
-    """Write a version's bundle directory (every file checked against its sha256)."""
+    """Write a version's bundle directory (every file checked against its sha256), or the task as an ONNX or
+    TorchScript model with a JSON sidecar (labels, frames, sampling, views, mean/std, fingerprint)."""
     _check_names(ref=ref)
+    if fmt != "bundle":
+        from stadapter.errors import InputError
+        from stadapter.export import FORMATS, export_ref
+
+        if fmt not in FORMATS:
+            raise InputError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
+        with _open(db) as reg:
+            result = export_ref(ref, path, fmt, registry=reg, weights=weights)
+        console.print(f"exported {ref} as {fmt} to {result.path} (sidecar {result.sidecar.name}; max logit "
+                      f"difference to the eager model {result.max_abs_diff:.1e}; export {result.seconds:.1f} s, check "
+                      f"{result.check_seconds:.1f} s)",
+                      highlight=False, soft_wrap=True)
+        return
     with _open(db) as reg:
         info = reg.resolve(ref)
-        reg.materialize(info, directory)
-    console.print(f"exported {info.ref} to {directory}", highlight=False)
+        reg.materialize(info, path)
+    console.print(f"exported {info.ref} to {path}", highlight=False)
 
 
 @user_errors
@@ -258,14 +310,28 @@ def import_(directory: Annotated[Path, typer.Argument(help="A bundle directory."
             task: Annotated[str | None, typer.Option("--task", help="Register under this task name "
                                                      "(default: the one in its config.json).")] = None,
             db: DbOpt = None, as_json: JsonOpt = False) -> None:
-    """Register a bundle directory as the next version of its task."""
+    """Register a bundle directory (as `stadapter export` or `train` writes it) as the next version of its
+    task."""
     _check_names(task=task)
+    if directory.is_file():
+        raise RegistryError(f"{directory} is a file; `stadapter import` takes a bundle directory (manifest.json, "
+                            f"config.json, labels.json, adapter.safetensors, as `stadapter export` writes it)"
+                            + _official_hint())
     with _open(db) as reg:
         info = reg.register(directory, task=task, source={"kind": "import", "path": str(directory.resolve())})
     if as_json:
         typer.echo(json.dumps(info.to_dict()))
     else:
         console.print(f"registered {info.ref}", highlight=False)
+
+
+def _official_hint() -> str:
+    """Where a checkpoint file goes instead, when this CLI has an `import-official` command."""
+    from stadapter.cli.main import app  # loaded already: it registered this command
+
+    if any(c.name == "import-official" for c in app.registered_commands):
+        return "; for a checkpoint file of the official ST-Adapter code (.pth) use `stadapter import-official`"
+    return ""
 
 
 @user_errors
@@ -282,6 +348,25 @@ def gc(db: DbOpt = None,
     console.print(f"removed {removed} file(s), freed {freed:,} bytes", highlight=False)
 
 
+@user_errors
+def publish(ref: RefArg, db: DbOpt = None,
+            store: Annotated[str | None, typer.Option(
+                "--store", show_default=False,
+                help="The shared store: file:///path, s3://bucket/prefix or gs://bucket/prefix. Default: "
+                     "$STADAPTER_STORE.")] = None) -> None:
+    """Copy a version's files to the shared store, so that every machine sharing the database can load it.
+    With STADAPTER_STORE set, versions registered from then on are published as they are registered."""
+    from stadapter.registry.remote import publish_version, shared_store
+
+    _check_names(ref=ref)
+    with _open(db) as reg:
+        shared = shared_store(store)
+        info = reg.resolve(ref)
+        n = publish_version(reg, info, shared)
+    console.print(f"published {info.ref}: {n} new file(s) in {shared.url if shared else '?'}", highlight=False,
+                  soft_wrap=True)
+
+
 def register(app: typer.Typer) -> None:
     """Add the registry commands to the `stadapter` app."""
     app.add_typer(db_app, name="db")
@@ -292,3 +377,4 @@ def register(app: typer.Typer) -> None:
     app.command("export")(export)
     app.command("import")(import_)
     app.command("gc")(gc)
+    app.command("publish")(publish)

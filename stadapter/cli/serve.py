@@ -15,6 +15,7 @@ from stadapter.cli.common import (
     MaxFramesOpt,
     MaxPixelsOpt,
     MaxSecondsOpt,
+    VerifyOpt,
     console,
     decode_limits,
     err_console,
@@ -39,9 +40,11 @@ def serve(
     port: Annotated[int, typer.Option("--port", "-p", min=0, max=65535, help="Port (0: any free one).")] = 8000,
     backbone: Annotated[str | None, typer.Option(
         "--backbone", "-b", envvar="STADAPTER_BACKBONE",
-        help="Backbone spec (default: the one the first --preload task was trained on).")] = None,
+        help="Backbone spec. Default: the one the first --preload task was trained on, else the one most "
+             "registered tasks were trained on (nothing is downloaded for it).")] = None,
     weights: Annotated[str | None, typer.Option("--weights", "-w", help="Backbone weights: none, a local "
-                                                "file, or a pretrained tag.")] = None,
+                                                "file, or a pretrained tag. Default: the ones the chosen "
+                                                "task's bundle names (a moved local file: pass its new path).")] = None,
     preload: Annotated[list[str] | None, typer.Option(
         "--preload", "--task", "-t", help="Task(s) to resolve and make resident at start (repeatable).")] = None,
     max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Clip views per batched forward.")] = 16,
@@ -81,6 +84,17 @@ def serve(
         "--decode-queue", min=0, help="Clips waiting for a decode slot; beyond: 429 before decoding.")] = 8,
     db: DbOpt = None,
     device: DeviceOpt = "auto",
+    verify: VerifyOpt = "store",
+    on_ray: Annotated[bool, typer.Option(
+        "--ray", help="Serve on a Ray Serve cluster: the same HTTP API over --replicas engines, requests routed "
+                      "by their first task to a replica that holds it (needs: pip install 'stadapter[ray]').")] = False,
+    address: Annotated[str | None, typer.Option(
+        "--address", show_default=False, help="With --ray: the Ray cluster to join (e.g. auto, or "
+                                              "ray://HEAD:10001); default: start a local one.")] = None,
+    replicas: Annotated[int, typer.Option("--replicas", min=1, help="With --ray: engine replicas.")] = 2,
+    max_resident_per_replica: Annotated[int, typer.Option(
+        "--max-resident-per-replica", min=1, help="With --ray: adapter sets each replica keeps resident (Ray's "
+                                                  "multiplexing LRU and the replica's pool).")] = 8,
 ) -> None:
     """Serve every registered task on one backbone: POST /v1/predict, GET /v1/tasks, /healthz, /readyz,
     /metrics, OpenAPI docs at /docs."""
@@ -99,7 +113,18 @@ def serve(
     if config.token is None and not is_loopback(host):
         err_console.print(f"[bold yellow]warning:[/] serving on {host} without a token: anyone who can reach this "
                           "address can use the API (set --token or STADAPTER_TOKEN)", highlight=False)
+    if on_ray:
+        from stadapter.runtime.ray_app import require_ray, serve_on_ray
+
+        require_ray()  # a StadapterError naming the install command when Ray is missing
+        console.print(f"stadapter serve --ray: {replicas} replica(s), {max_resident_per_replica} resident set(s) "
+                      f"each, http://{host}:{port}/docs", highlight=False)
+        serve_on_ray(config, db=db, backbone=backbone, weights=weights, device=device, replicas=replicas,
+                     max_resident=max_resident_per_replica, alias_ttl=alias_ttl, compile_mode=compile_mode,
+                     address=address, host=host, port=port, verify=verify)
+        return
     reg = open_registry(db)
+    reg.verify = verify
     engine = Engine.open(reg, backbone=backbone, weights=weights, tasks=preload, device=device,
                          max_resident=max_resident, alias_ttl=alias_ttl, compile=compile_mode)
     d = engine.describe()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -24,7 +24,7 @@ def _csv_ints(text: str | None, what: str) -> tuple[int, ...] | None:
 
 
 def _log(msg: str) -> None:
-    err_console.print(msg, highlight=False)
+    err_console.print(msg, highlight=False, soft_wrap=True, markup=False)  # one line each, never wrapped
 
 
 @user_errors
@@ -52,7 +52,10 @@ def train(
     pool: Annotated[str | None, typer.Option(help="cls (the paper) or patch-mean.")] = None,
     epochs: Annotated[float | None, typer.Option(help="Training epochs.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Clips per optimizer step over all processes.")] = None,
-    lr: Annotated[float | None, typer.Option(help="Learning rate per 256 clips (scaled to the batch).")] = None,
+    lr: Annotated[float | None, typer.Option(
+        help="Learning rate per 256 clips (default 1e-3): scaled linearly to batches at and above the recipe's "
+             "batch (the paper's rule); a smaller batch keeps the recipe's rate at its own batch. Training prints "
+             "the rate it uses.")] = None,
     warmup_epochs: Annotated[float | None, typer.Option(help="Linear warmup epochs.")] = None,
     conv_lr_mult: Annotated[float | None, typer.Option(
         help="Learning-rate multiplier for the depth-wise conv.")] = None,
@@ -71,60 +74,54 @@ def train(
                                                   help="bfloat16 autocast when training on CPU (faster on CPUs "
                                                        "with AVX512-BF16 or AMX; adapters, head and optimizer "
                                                        "stay fp32).")] = None,
-    out: Annotated[Path | None, typer.Option(help="Run directory (checkpoint, metrics, curves, bundle). "
-                                                  "Default: runs/TASK.")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue from the run directory's checkpoint.")] = False,
+    out: Annotated[Path | None, typer.Option(help="Run directory (checkpoint, metrics, bundle with curves). "
+                                                  "Default: runs/TASK. One that holds a run needs --resume or "
+                                                  "--overwrite.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint (a finished run: "
+                                              "nothing is trained or registered unless --register).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Start again in an --out that holds a run (deletes its "
+                                                 "checkpoint, metrics, bundle).")] = False,
+    log_to: Annotated[list[str] | None, typer.Option(
+        "--log-to", metavar="TRACKER", help="Also log to: tensorboard (event files in OUT/tensorboard; pip "
+                                            "install 'stadapter\\[tensorboard]'). Repeatable.")] = None,
     max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimizer steps.")] = None,
     device: DeviceOpt = "auto",
-    register: Annotated[bool, typer.Option("--register/--no-register",
-                                           help="Register the bundle in the registry.")] = True,
+    register: Annotated[bool | None, typer.Option(
+        "--register/--no-register", help="Register the bundle in the registry (default: a newly trained one; "
+                                         "a finished run resumed only with --register).")] = None,
     db: DbOpt = None,
 ) -> None:
     """Train an adapter set for a task and register the resulting bundle.
 
-    Works the same under `torchrun --nproc_per_node N` (DDP; gloo on CPU, nccl on GPU).
+    Works the same under torchrun (DDP; gloo on CPU, nccl on GPU), run as a module:
+
+    torchrun --nproc-per-node 2 -m stadapter train --task ... --train ...
+
+    (`torchrun ... stadapter train` fails with "can't open file": torchrun runs a Python file or module.)
     """
     from stadapter.registry.api import check_name
-    from stadapter.training.api import resolve_recipe, train_task
+    from stadapter.training.api import outcome_lines, recipe_from_options, train_task
     from stadapter.video.datasets import load_annotations
 
     check_name(task, "task")  # before any work: the run folder runs/TASK must stay under runs/
-    adapter: dict[str, Any] = {
-        k: v for k, v in dict(method=method, width=width, kernel=_csv_ints(kernel, "--kernel"),
-                              positions=tuple(positions.split(",")) if positions else None,
-                              activation=activation, pool=pool).items() if v is not None}
-    if "method" in adapter and "activation" not in adapter:
-        adapter["activation"] = None  # let the method pick its default activation
-    spec = {k: v for k, v in dict(num_frames=frames, flip=flip).items() if v is not None}
-    train_cfg = {k: v for k, v in dict(epochs=epochs, batch_size=batch_size, lr_per_256=lr,
-                                       warmup_epochs=warmup_epochs, conv_lr_mult=conv_lr_mult,
-                                       head_lr_mult=head_lr_mult,
-                                       grad_accum=grad_accum, seed=seed, checkpoint_every=checkpoint_every,
-                                       num_workers=num_workers, amp=amp, cpu_bf16=cpu_bf16,
-                                       cache_clips=cache_clips).items()
-                 if v is not None}
-    r = resolve_recipe(task, recipe, adapter, spec, train_cfg)
+    r = recipe_from_options(
+        task, recipe, dict(method=method, width=width, kernel=_csv_ints(kernel, "--kernel"), activation=activation,
+                           positions=tuple(positions.split(",")) if positions else None, pool=pool),
+        dict(num_frames=frames, flip=flip),
+        dict(epochs=epochs, batch_size=batch_size, lr_per_256=lr, warmup_epochs=warmup_epochs, seed=seed,
+             conv_lr_mult=conv_lr_mult, head_lr_mult=head_lr_mult, grad_accum=grad_accum, amp=amp,
+             checkpoint_every=checkpoint_every, num_workers=num_workers, cpu_bf16=cpu_bf16, cache_clips=cache_clips))
     tr = load_annotations(train_annotations, split="train", root=root)
     va = load_annotations(val_annotations, split="val", root=root, classes=tr.classes) if val_annotations else None
-    run_dir = out or Path("runs") / task
-    outcome = train_task(task, r, tr.samples, tr.classes, va.samples if va else None, backbone, weights, run_dir,
-                         resume=resume, max_steps=max_steps, device=device, log=_log,
+    outcome = train_task(task, r, tr.samples, tr.classes, va.samples if va else None, backbone, weights,
+                         out or Path("runs") / task, resume=resume, overwrite=overwrite, max_steps=max_steps,
+                         device=device, log=_log, log_to=tuple(log_to or ()),
                          extra={"data": {"train": str(train_annotations),
                                          "val": str(val_annotations) if val_annotations else None,
                                          "num_train": len(tr.samples)}},
                          register=register, registry=db, data=str(train_annotations))
-    if outcome.bundle_dir is None:
-        return  # a non-zero DDP rank
-    ref = outcome.registered
-    m = outcome.metrics or {}
-    summary = (f"trained {task} ({r.adapter.method}, {outcome.trainable_params:,} trainable params) "
-               f"in {outcome.seconds:.0f} s")
-    if m.get("top1") is not None:
-        summary += f"; val top-1 {100 * m['top1']:.1f}%, top-5 {100 * m['top5']:.1f}%"
-    if outcome.skipped:
-        summary += f"; {outcome.skipped} clip(s) skipped"
-    console.print(summary)
-    console.print(f"bundle: {outcome.bundle_dir}" + (f"  registered as {ref}" if ref else ""))
+    for line in outcome_lines(task, r.adapter.method, outcome):
+        console.print(line, highlight=False)
 
 
 @user_errors

@@ -2,31 +2,45 @@
 
 The only place model weights are read from disk or the network. Nothing downloads unless a pretrained tag was
 asked for, and without a network that fails within seconds with a message naming the local-file option.
+
+A backbone loaded from a local file is named ``file:NAME`` (its ``weights``, which bundles store beside the
+fingerprint): never the file's directory, which is this machine's business. ``load_backbone`` finds such a file
+again through :mod:`stadapter.model.weights_index`; when it cannot, the error says to pass ``--weights PATH``
+and which fingerprint the file must have.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
 
 from stadapter.errors import BackboneError
+from stadapter.model import weights_index
 from stadapter.model.backbone import Backbone, BackboneSpec, TimmBackbone, build_architecture, build_open_clip
 
 RANDOM_INIT_SEED = 0  # weights "none" are reproducible, so their fingerprint pins bundles across processes
 DEFAULT_WEIGHTS = {"open_clip": "openai", "timm": "pretrained"}
 PROBE_TIMEOUT_S = 3.0
+LOCAL_PREFIX = "file:"  # weights loaded from a local file, as bundles name them: file:NAME (no directory)
 
 
-def load_backbone(spec: str | BackboneSpec, weights: str | None = None) -> Backbone:
+def load_backbone(spec: str | BackboneSpec, weights: str | None = None, fingerprint: str | None = None) -> Backbone:
     """A frozen, eval-mode backbone on the CPU in fp32.
 
     weights: ``none`` for a random init (seed 0, so every process builds the same weights), a path to a
-    ``.safetensors`` / ``.bin`` / ``.pt`` / ``.pth`` state dict, or a pretrained tag (open_clip: ``openai``,
-    ``laion2b_s34b_b88k``, ...; timm: ``pretrained``). Default: the library's pretrained weights.
+    ``.safetensors`` / ``.bin`` / ``.pt`` / ``.pth`` state dict, ``file:NAME`` (a file loaded before on this
+    machine, as bundles name it), or a pretrained tag (open_clip: ``openai``, ``laion2b_s34b_b88k``, ...; timm:
+    ``pretrained``). Default: the library's pretrained weights.
+
+    fingerprint: the fingerprint a bundle says these weights have (when ``weights`` comes from a bundle): a
+    missing file is then looked up by it, and the error names it. The caller still checks the result.
     """
     spec = spec if isinstance(spec, BackboneSpec) else BackboneSpec.parse(spec)
     weights = DEFAULT_WEIGHTS[spec.library] if weights is None else weights
@@ -34,8 +48,11 @@ def load_backbone(spec: str | BackboneSpec, weights: str | None = None) -> Backb
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)
             backbone = build_architecture(spec)
-    elif _looks_like_path(weights):
-        backbone = _from_file(spec, Path(weights))
+    elif is_local(weights):
+        path = locate_weights(spec, weights, fingerprint)
+        backbone = _from_file(spec, path)
+        weights = LOCAL_PREFIX + path.name
+        weights_index.remember(backbone.fingerprint(), path)
     else:
         backbone = _from_tag(spec, weights)
     backbone.weights = weights
@@ -43,8 +60,30 @@ def load_backbone(spec: str | BackboneSpec, weights: str | None = None) -> Backb
     return backbone.freeze()
 
 
-def _looks_like_path(weights: str) -> bool:
-    return os.sep in weights or weights.endswith((".safetensors", ".bin", ".pt", ".pth")) or Path(weights).exists()
+def is_local(weights: str) -> bool:
+    """Whether ``weights`` names a local file (a path, or ``file:NAME``) rather than ``none`` or a tag."""
+    return weights.startswith(LOCAL_PREFIX) or os.sep in weights or \
+        weights.endswith((".safetensors", ".bin", ".pt", ".pth")) or Path(weights).exists()
+
+
+def locate_weights(spec: BackboneSpec, weights: str, fingerprint: str | None = None) -> Path:
+    """The local file ``weights`` names: the path itself when it is a file; else (a ``file:NAME`` or a moved
+    file) the file last loaded with ``fingerprint`` (or, without one, called NAME) on this machine."""
+    if not weights.startswith(LOCAL_PREFIX):
+        path = Path(weights).expanduser()
+        if path.is_file() or fingerprint is None:
+            return path  # _from_file says "does not exist" when it is not there
+        name = path.name
+    else:
+        name = weights[len(LOCAL_PREFIX):]
+    found = weights_index.lookup(fingerprint, name)
+    if found is not None:
+        return found
+    where = f"weights file {weights} does not exist" if not weights.startswith(LOCAL_PREFIX) else \
+        f"no local weights file {name!r} is known on this machine"
+    check = f"its fingerprint must be {fingerprint}" if fingerprint else "its fingerprint will be checked"
+    raise BackboneError(f"{where} (backbone {spec} was loaded from that file when the task was trained): pass "
+                        f"--weights PATH to the file; {check}")
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -132,19 +171,42 @@ def _from_tag(spec: BackboneSpec, tag: str) -> Backbone:
     saved = hf_constants.HF_HUB_OFFLINE
     hf_constants.HF_HUB_OFFLINE = offline or saved
     try:
-        if spec.library == "open_clip":
-            model = open_clip.create_model(spec.name, pretrained=tag, require_pretrained=True)
-            from stadapter.model.backbone import OpenClipBackbone
+        with _quiet_root_logger():
+            if spec.library == "open_clip":
+                model = open_clip.create_model(spec.name, pretrained=tag, require_pretrained=True)
+                from stadapter.model.backbone import OpenClipBackbone
 
-            return OpenClipBackbone(spec, model.visual)
-        import timm
+                return OpenClipBackbone(spec, model.visual)
+            import timm
 
-        from stadapter.model.backbone import TimmBackbone
+            from stadapter.model.backbone import TimmBackbone
 
-        return TimmBackbone(spec, timm.create_model(spec.name, pretrained=True, num_classes=0,
-                                                    **dict(spec.options)))
+            return TimmBackbone(spec, timm.create_model(spec.name, pretrained=True, num_classes=0,
+                                                        **dict(spec.options)))
     except Exception as e:  # download failures come in many types
         why = "no network (and not in the local cache)" if offline else f"{type(e).__name__}: {e}"
         raise BackboneError(f"cannot get pretrained weights {tag!r} for {spec}: {why}; {hint}") from e
     finally:
         hf_constants.HF_HUB_OFFLINE = saved
+
+
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """Drop ERROR records the model libraries write to the root logger while they load (open_clip logs
+    "Failed to download weights ..." through ``logging.error``, which also installs a stderr handler): the
+    failure reaches the user once, as our BackboneError."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
+    root = logging.getLogger()
+    guard = None if root.handlers else logging.NullHandler()  # else logging.error() calls basicConfig()
+    if guard is not None:
+        root.addHandler(guard)
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+        if guard is not None:
+            root.removeHandler(guard)

@@ -77,16 +77,18 @@ def summarize_preset(backbone: str, weights: str | None = None, preset: str = "k
     from stadapter.recipes import preset as get_preset
 
     recipe = get_preset(preset)
+    num_frames = frames if frames is not None else recipe.task.num_frames
+    if num_frames < 1:  # before the backbone loads
+        raise ConfigError(f"frames per view must be >= 1, got {num_frames}")
+    bb = load_backbone(backbone, weights)
+    recipe = recipe.for_backbone(bb.dim)  # "custom" sizes its adapters from the backbone's width
     changes: dict[str, Any] = {}
     if num_classes is not None:
         changes["num_classes"] = num_classes
     if method is not None:
         changes["method"] = method
     adapter = dataclasses.replace(recipe.adapter, **changes) if changes else recipe.adapter
-    num_frames = frames if frames is not None else recipe.task.num_frames
-    if num_frames < 1:  # before the backbone loads
-        raise ConfigError(f"frames per view must be >= 1, got {num_frames}")
-    return summarize(load_backbone(backbone, weights), adapter, num_frames, preset)
+    return summarize(bb, adapter, num_frames, preset)
 
 
 __all__ = ["ModelSummary", "summarize", "summarize_preset"]

@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from sqlalchemy import CursorResult, Engine, Result, Select, delete, func, select, update
+from sqlalchemy import Connection, CursorResult, Engine, Result, Row, Select, delete, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, selectinload
 
@@ -35,8 +35,10 @@ from stadapter.bundle.validate import check_bundle
 from stadapter.errors import BackboneError, BundleError, RegistryError, RegistryUnavailable
 from stadapter.fsio import publish_dir
 from stadapter.registry import db as dbm
+from stadapter.registry import queries
 from stadapter.registry.leftovers import STALE_AFTER_S, Leftover, remove_stale
 from stadapter.registry.models import AdapterVersion, Alias, Backbone, Tag, Task, utcnow
+from stadapter.registry.remote import fetch_missing, publish_files
 from stadapter.registry.store import BlobStore, remove_tree
 
 if TYPE_CHECKING:
@@ -44,6 +46,7 @@ if TYPE_CHECKING:
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 PRODUCTION = "production"
+TASKS_NAMED = 20  # an unknown task's error names this many known tasks (a registry may hold thousands)
 SCHEMA_ERROR_RE = re.compile(r"no such (table|column)|has no column named", re.IGNORECASE)
 T = TypeVar("T")
 
@@ -104,9 +107,26 @@ class TaskInfo:
     latest: int | None
     aliases: dict[str, int]
     latest_metrics: dict[str, Any] | None
+    current: int | None = None  # the version the bare task name serves: production, else latest
+    # That version's id, config, labels and backbone fingerprint, for a server's listing (not in to_dict).
+    current_id: int | None = field(default=None, repr=False, compare=False)
+    current_config: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    current_labels: list[str] | None = field(default=None, repr=False, compare=False)
+    current_fingerprint: str | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"name": self.name, "description": self.description, "recipe": self.recipe,
+                "versions": self.versions, "latest": self.latest, "aliases": self.aliases,
+                "latest_metrics": self.latest_metrics, "current": self.current}
+
+
+@dataclass(frozen=True)
+class TaskPage:
+    """One page of the task listing; ``next_after`` (the last name shown) asks for the next page, None at the
+    end."""
+
+    tasks: list[TaskInfo]
+    next_after: str | None
 
 
 # -- references ------------------------------------------------------------------------------------------
@@ -161,6 +181,8 @@ class Registry:
         self.blobs = BlobStore(root / "blobs")
         self.cache = root / "bundles"
         self._writer = engine.execution_options(sqlite_begin="IMMEDIATE")
+        self._reader = dbm.single_statement(engine)
+        self.verify = "store"  # "always": materialize re-hashes every file (see materialize)
 
     def __repr__(self) -> str:
         return f"Registry({dbm.redact(self.url)!r}, home={str(self.home)!r})"
@@ -185,6 +207,16 @@ class Registry:
         except OperationalError as e:
             if _transient(e):
                 raise
+            raise self._database_error(e) from e
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[Connection]:
+        """A connection for one read statement, without a transaction around it (no BEGIN / ROLLBACK round
+        trips: see ``db.single_statement``); database failures become RegistryUnavailable."""
+        try:
+            with self._reader.connect() as conn:
+                yield conn
+        except OperationalError as e:
             raise self._database_error(e) from e
 
     def _retry(self, fn: Callable[[], T], attempts: int = 8, integrity: bool = False) -> T:
@@ -228,11 +260,13 @@ class Registry:
         if data is None and extra.get("data") is not None:
             data = extra["data"] if isinstance(extra["data"], str) else json.dumps(extra["data"], sort_keys=True)
         hub = (source or {}).get("kind") == "hub"
+        source_repo, source_commit = queries.source_columns(source)
         recipe = extra.get("recipe") if isinstance(extra.get("recipe"), str) else None
 
         with self.blobs.using():
             for fname, entry in files.items():
                 self.blobs.put(bundle_dir / fname, entry["sha256"], entry["size"])
+            publish_files(self.blobs, files)  # to the shared store ($STADAPTER_STORE) too, before the row
 
             def insert() -> VersionInfo:
                 with self._tx(write=True) as s:
@@ -253,6 +287,7 @@ class Registry:
                         hub_repo=source.get("repo") if hub and source else None,
                         hub_commit=source.get("commit") if hub and source else None,
                         hub_tag=source.get("tag") if hub and source else None,
+                        source_repo=source_repo, source_commit=source_commit,
                         parent_id=parent.id if parent is not None else None, data=data, status="ready",
                         created_at=utcnow())
                     s.add(row)
@@ -268,6 +303,10 @@ class Registry:
         """``task`` (its production alias, else the latest version), ``task:3``, ``task:latest`` or
         ``task@alias``. With ``fingerprint``, refuse a version trained on another backbone."""
         name, number, alias = parse_ref(ref)
+        with self._read() as conn:  # one statement; anything but a match goes the long way, for its message
+            rows = conn.execute(*queries.resolve(name, number, alias)).all()
+        if rows and (fingerprint is None or rows[0].backbone_fingerprint == fingerprint):
+            return _version_info(rows)
         with self._tx() as s:
             task = self._task(s, name)
             version_id = self._version_id(s, task, number, alias)
@@ -311,22 +350,31 @@ class Registry:
     def get(self, version_id: int) -> VersionInfo:
         return self._info(version_id)
 
-    def list_tasks(self) -> list[TaskInfo]:
-        with self._tx() as s:
-            out = []
-            for task in s.scalars(select(Task).order_by(Task.name)):
-                count, latest = s.execute(select(func.count(AdapterVersion.id), func.max(AdapterVersion.version))
-                                          .where(AdapterVersion.task_id == task.id)).one()
-                aliases = {a: v for a, v in s.execute(
-                    select(Alias.name, AdapterVersion.version)
-                    .join(AdapterVersion, Alias.version_id == AdapterVersion.id)
-                    .where(Alias.task_id == task.id).order_by(Alias.name))}
-                metrics = None
-                if latest is not None:
-                    metrics = s.scalar(select(AdapterVersion.metrics).where(AdapterVersion.task_id == task.id,
-                                                                            AdapterVersion.version == latest))
-                out.append(TaskInfo(task.name, task.description, task.recipe, count, latest, aliases, metrics))
-            return out
+    def list_tasks(self, limit: int | None = None, after: str | None = None, prefix: str | None = None,
+                   alias: str | None = None, tag: str | None = None) -> list[TaskInfo]:
+        """Tasks by name (all of them, or ``limit``); see :meth:`list_page` for the filters."""
+        return self.list_page(limit, after, prefix, alias, tag).tasks
+
+    def list_page(self, limit: int | None = 100, after: str | None = None, prefix: str | None = None,
+                  alias: str | None = None, tag: str | None = None) -> TaskPage:
+        """A page of at most ``limit`` tasks (None: all) by name, after the task named ``after``, with names
+        starting with ``prefix``, having an alias ``alias``, having a version tagged ``tag`` ("KEY" or
+        "KEY=VALUE"). One SQL statement, whatever the number of tasks."""
+        queries.check_limit(limit)
+        stmt, params = queries.listing(queries.Filters(after, prefix, alias, tag), limit, self.engine.dialect.name)
+        with self._read() as conn:
+            rows = conn.execute(stmt, params).all()
+        tasks: list[TaskInfo] = []
+        for r in rows:
+            if not tasks or tasks[-1].name != r.name:
+                tasks.append(TaskInfo(r.name, r.description, r.recipe, int(r.n or 0), r.latest, {},
+                                      r.latest_metrics, r.current, r.current_id, r.current_config,
+                                      r.current_labels, r.current_fingerprint))
+            if r.alias_name is not None:
+                tasks[-1].aliases[r.alias_name] = r.alias_version
+        if limit is not None and len(tasks) > limit:
+            return TaskPage(tasks[:limit], tasks[limit - 1].name)
+        return TaskPage(tasks, None)
 
     def list_versions(self, task: str) -> list[VersionInfo]:
         with self._tx() as s:
@@ -338,29 +386,26 @@ class Registry:
         """A version pulled from (or pushed to) ``repo`` at ``commit``, so pulling the same commit twice is a
         no-op. The earliest match wins; ``task`` narrows the search."""
         with self._tx() as s:
-            q = select(AdapterVersion.id).where(AdapterVersion.hub_repo == repo, AdapterVersion.hub_commit == commit)
-            if task is not None:
-                q = q.join(Task).where(Task.name == task)
-            ids = set(s.scalars(q))
-            # A pulled version pushed elsewhere later keeps its origin only in ``source``.
-            with_source = select(AdapterVersion.id, AdapterVersion.source).where(AdapterVersion.source.is_not(None))
-            if task is not None:
-                with_source = with_source.join(Task).where(Task.name == task)
-            for vid, src in s.execute(with_source):
-                if isinstance(src, dict) and src.get("repo") == repo and src.get("commit") == commit:
-                    ids.add(vid)
-            return self._load(s, min(ids)) if ids else None
+            # A pulled version pushed elsewhere later keeps its origin only in ``source`` (source_repo/commit).
+            found = s.scalar(queries.by_source(repo, commit, task))
+            return self._load(s, found) if found is not None else None
 
     # -- files -------------------------------------------------------------------------------------------
-    def materialize(self, info: VersionInfo | str, dest: Path | None = None) -> Path:
-        """A bundle directory holding ``info``'s files, each checked against its sha256.
+    def materialize(self, info: VersionInfo | str, dest: Path | None = None, *, verify: bool | None = None) -> Path:
+        """A bundle directory holding ``info``'s files.
 
         Without ``dest``: a cache directory under ``$STADAPTER_HOME/bundles`` (read-only hard links to the
         blobs where possible), reused while its files stay intact. With ``dest`` (absent or empty): a
-        writable copy, e.g. to export or push. The file and task names read back from the database are
-        checked again before any path is built from them."""
+        writable copy, e.g. to export or push, every byte checked against its sha256 as it is copied. The file
+        and task names read back from the database are checked again before any path is built from them.
+
+        ``verify``: whether the cache directory's files are hashed again (default: ``self.verify == "always"``).
+        Otherwise the store is trusted: a blob's sha256 is its name, checked when it entered the store
+        (``BlobStore.put``), and only the names and sizes are checked here (the safetensors header is checked
+        by whoever reads it)."""
         info = self._as_info(info)
         _check_stored_names(info)
+        hashed = self.verify == "always" if verify is None else verify
         if dest is not None:
             dest = Path(dest)
             if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
@@ -369,10 +414,10 @@ class Registry:
             return dest
         dest = self._cache_dir(info)
         if dest.is_dir():
-            if self._intact(info, dest):
+            if self._intact(info, dest, hashed):
                 return dest
             remove_tree(dest)
-        self._build(info, dest, link=True)
+        self._build(info, dest, link=True, hashed=hashed)
         return dest
 
     def load_bundle(self, ref_or_info: str | VersionInfo, fingerprint: str | None = None) -> Bundle:
@@ -382,7 +427,7 @@ class Registry:
         info = self.resolve(ref_or_info, fingerprint) if isinstance(ref_or_info, str) else ref_or_info
         if fingerprint is not None and info.backbone_fingerprint != fingerprint:
             self.resolve(info.ref, fingerprint)  # raises, naming both fingerprints
-        path = self.materialize(info)
+        path = self.materialize(info, verify=True)
         bundle = Bundle.load(path, verify=False)  # materialize() just checked every file's sha256
         bundle.task = info.task
         return bundle
@@ -401,25 +446,29 @@ class Registry:
         check_name(info.task, "task")  # read back from the database: checked again before it names a path
         return self.cache / info.task / f"{info.version}-{_files_digest(info.files)}"
 
-    def _intact(self, info: VersionInfo, directory: Path) -> bool:
+    def _intact(self, info: VersionInfo, directory: Path, hashed: bool = True) -> bool:
         present = {f.name for f in directory.iterdir()}
         return present == set(info.files) and all(
-            self.blobs.check(directory / n, e["sha256"], int(e["size"])) for n, e in info.files.items())
+            self.blobs.check(directory / n, e["sha256"], int(e["size"]), hashed) for n, e in info.files.items())
 
-    def _build(self, info: VersionInfo, dest: Path, link: bool) -> None:
+    def _build(self, info: VersionInfo, dest: Path, link: bool, hashed: bool = True) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
         with self.blobs.using():  # gc waits; it would take this half-built directory for a stale one
-            self._build_locked(info, dest, link)
+            fetch_missing(self, info)  # blobs this machine lacks: from the shared store or the Hub (remote.py)
+            self._build_locked(info, dest, link, hashed)
 
-    def _build_locked(self, info: VersionInfo, dest: Path, link: bool) -> None:
+    def _build_locked(self, info: VersionInfo, dest: Path, link: bool, hashed: bool = True) -> None:
         def export(staging: Path) -> None:
             for name, entry in sorted(info.files.items()):
                 self._store_with(info, entry["sha256"]).export(entry["sha256"], int(entry["size"]),
-                                                               staging / name, f"{info.ref}: {name}", link=link)
+                                                               staging / name, f"{info.ref}: {name}", link=link,
+                                                               hashed=hashed)
 
-        # Hard links share the blobs' (already durable) bytes. When another process materialized the same
-        # version first, its directory is kept if intact.
-        publish_dir(dest, export, sync_files=not link, keep_existing=lambda built: self._intact(info, built))
+        # Hard links share the blobs' (already durable) bytes, and a cache directory a crash left incomplete is
+        # rebuilt (_intact), so it is not fsynced. When another process materialized the same version first, its
+        # directory is kept if intact.
+        publish_dir(dest, export, sync_files=not link, durable=not link,
+                    keep_existing=lambda built: self._intact(info, built, hashed))
 
     # -- changing ----------------------------------------------------------------------------------------
     def set_alias(self, task: str, name: str, version: int | str | VersionInfo) -> VersionInfo:
@@ -581,9 +630,12 @@ class Registry:
     def _task(self, s: Session, name: str) -> Task:
         task = s.scalar(select(Task).where(Task.name == name))
         if task is None:
-            known = s.scalars(select(Task.name).order_by(Task.name)).all()
+            known = s.scalars(select(Task.name).order_by(Task.name).limit(TASKS_NAMED + 1)).all()
+            listed = ", ".join(known[:TASKS_NAMED]) + (", ... (stadapter ls)" if len(known) > TASKS_NAMED else "")
             raise RegistryError(f"no task {name!r} in the registry {dbm.redact(self.url)} (tasks: "
-                                f"{', '.join(known) or 'none yet'})")
+                                f"{listed or 'none yet'}); get one with `stadapter import-official "
+                                f"CHECKPOINT --task {name} --preset k400|ssv2` (the authors' trained models), "
+                                f"`stadapter pull ORG/NAME` or `stadapter train`")
         return task
 
     def _numbers(self, s: Session, task_id: int) -> list[int]:
@@ -600,10 +652,10 @@ class Registry:
             return self._load(s, version_id)
 
     def _load(self, s: Session, version_id: int) -> VersionInfo:
-        row = s.scalar(self._query().where(AdapterVersion.id == version_id))
-        if row is None:
+        rows = s.execute(queries.by_id(), {"id": version_id}).all()
+        if not rows:
             raise RegistryError(f"version id {version_id} is not in the registry")
-        return self._to_info(s, row)
+        return _version_info(rows)
 
     @staticmethod
     def _to_info(s: Session, row: AdapterVersion) -> VersionInfo:
@@ -612,14 +664,13 @@ class Registry:
             p = s.execute(select(Task.name, AdapterVersion.version).join(Task, AdapterVersion.task_id == Task.id)
                           .where(AdapterVersion.id == row.parent_id)).first()
             parent = f"{p[0]}:{p[1]}" if p else None
-        created = row.created_at
-        created = created.replace(tzinfo=timezone.utc) if created.tzinfo is None else created.astimezone(timezone.utc)
         return VersionInfo(
             id=row.id, task=row.task.name, version=row.version, backbone_spec=row.backbone.spec,
             backbone_fingerprint=row.backbone.fingerprint, config=row.config, labels=list(row.labels),
             metrics=row.metrics, files=row.files, hub_repo=row.hub_repo, hub_commit=row.hub_commit,
             hub_tag=row.hub_tag, source=row.source, parent_id=row.parent_id, data=row.data, status=row.status,
-            created_at=created, aliases=[a.name for a in row.aliases], backbone_weights=row.backbone.weights,
+            created_at=_utc(row.created_at), aliases=[a.name for a in row.aliases],
+            backbone_weights=row.backbone.weights,
             storage=row.storage, parent=parent, tags={t.key: t.value for t in row.tags})
 
 
@@ -667,6 +718,25 @@ def _check_stored_names(info: VersionInfo) -> None:
 def _files_digest(files: dict[str, dict[str, Any]]) -> str:
     """Names a cache directory by its content, so two databases sharing one home never mix up versions."""
     return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _version_info(rows: Sequence[Row[Any]]) -> VersionInfo:
+    """A VersionInfo from the rows of ``queries.version_rows`` (one per alias x tag pair of one version)."""
+    r = rows[0]
+    aliases = sorted({x.alias_name for x in rows if x.alias_name is not None})
+    tags = {x.tag_key: x.tag_value for x in sorted(rows, key=lambda x: x.tag_key or "") if x.tag_key is not None}
+    parent = f"{r.parent_task}:{r.parent_version}" if r.parent_task is not None else None
+    return VersionInfo(
+        id=r.id, task=r.task_name, version=r.version, backbone_spec=r.backbone_spec,
+        backbone_fingerprint=r.backbone_fingerprint, config=r.config, labels=list(r.labels), metrics=r.metrics,
+        files=r.files, hub_repo=r.hub_repo, hub_commit=r.hub_commit, hub_tag=r.hub_tag, source=r.source,
+        parent_id=r.parent_id, data=r.data, status=r.status, created_at=_utc(r.created_at), aliases=aliases,
+        backbone_weights=r.backbone_weights, storage=r.storage, parent=parent, tags=tags)
+
+
+def _utc(created: datetime) -> datetime:
+    """SQLite hands back naive datetimes (stored in UTC); PostgreSQL aware ones."""
+    return created.replace(tzinfo=timezone.utc) if created.tzinfo is None else created.astimezone(timezone.utc)
 
 
 def _opt_str(value: Any) -> str | None:

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import hashlib
 import os
+import re
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Connection, Engine, create_engine, event, inspect
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 from sqlalchemy.pool import ConnectionPoolEntry
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 DB_FILE = "registry.db"
 BUSY_TIMEOUT_S = 60.0
+VERSION_TABLE = "alembic_version"
+NO_BEGIN = "NONE"  # sqlite_begin execution option: no BEGIN (single_statement)
 
 
 def default_home() -> Path:
@@ -130,7 +133,17 @@ def _sqlite_setup(engine: Engine) -> None:
     @event.listens_for(engine, "begin")
     def _begin(conn: Connection) -> None:
         mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
-        conn.exec_driver_sql(f"BEGIN {mode}")
+        if mode != NO_BEGIN:
+            conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+def single_statement(engine: Engine) -> Engine:
+    """The engine for reads of one statement each (a resolve, a listing page): no transaction around them,
+    so the statement is the only round trip. SQLite runs a lone statement atomically without BEGIN;
+    PostgreSQL's AUTOCOMMIT spares the BEGIN and ROLLBACK a transaction would send."""
+    if engine.dialect.name == "sqlite":
+        return engine.execution_options(sqlite_begin=NO_BEGIN)
+    return engine.execution_options(isolation_level="AUTOCOMMIT")
 
 
 def _set_wal(cursor: sqlite3.Cursor) -> None:
@@ -172,22 +185,42 @@ def script_directory() -> ScriptDirectory:
     return ScriptDirectory.from_config(alembic_config())
 
 
+REVISION_RE = re.compile(r'^(down_revision|revision)\s*=\s*(None|"([^"]+)")\s*$', re.MULTILINE)
+
+
+@functools.lru_cache(maxsize=1)
 def head_revision() -> str:
-    heads = script_directory().get_heads()
+    """The newest packaged migration, read from the migration files themselves (``revision = "..."`` and
+    ``down_revision = ...`` lines) without importing Alembic: opening a registry, e.g. for ``stadapter ls``,
+    stays cheap. ``tests/test_registry_migrations.py`` checks it against Alembic's own answer."""
+    revisions: set[str] = set()
+    parents: set[str] = set()
+    for path in sorted((MIGRATIONS / "versions").glob("*.py")):
+        found = {key: value for key, _, value in REVISION_RE.findall(path.read_text(encoding="utf-8"))}
+        if found.get("revision"):
+            revisions.add(found["revision"])
+            if found.get("down_revision"):
+                parents.add(found["down_revision"])
+    heads = sorted(revisions - parents)
     if len(heads) != 1:
         raise RegistryError(f"the packaged migrations have {len(heads)} heads ({', '.join(heads)}); expected one")
     return heads[0]
 
 
 def current_revision(engine: Engine) -> str | None:
-    """The database's schema revision, or None for a database without the registry's tables."""
-    from alembic.runtime.migration import MigrationContext
-
+    """The database's schema revision (Alembic's version table, read with one query), or None for a database
+    without the registry's tables."""
     try:
         with engine.connect() as conn:
-            return MigrationContext.configure(conn).get_current_revision()
+            if not inspect(conn).has_table(VERSION_TABLE):
+                return None
+            found = conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalars().all()
     except OperationalError as e:
         raise RegistryError(f"cannot open the registry database {redact(str(engine.url))}: {e.orig}") from e
+    if len(found) > 1:
+        raise RegistryError(f"the registry database {redact(str(engine.url))} records several schema revisions "
+                            f"({', '.join(found)}); fix it with `stadapter db upgrade`")
+    return found[0] if found else None
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:

@@ -7,6 +7,10 @@ match these exactly; ``tests/test_registry_migrations.py`` fails when they drift
                       Hub location once pushed
     aliases           task + name (production, staging, ...) -> one version of that task
     tags              free-form key/value pairs on a version
+
+Every lookup the registry makes has an index (``tests/test_registry_scale.py`` reads the query plans): tasks by
+name, versions by (task, number), aliases by (task, name) and by version, tags by (version, key) and by key,
+versions by Hub location, by source repo + commit and by parent.
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ class AdapterVersion(Base):
     __table_args__ = (
         UniqueConstraint("task_id", "version"),
         Index("ix_adapter_versions_hub", "hub_repo", "hub_commit"),
+        Index("ix_adapter_versions_source", "source_repo", "source_commit"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -79,8 +84,13 @@ class AdapterVersion(Base):
     hub_repo: Mapped[str | None] = mapped_column(String(300))
     hub_commit: Mapped[str | None] = mapped_column(String(64))
     hub_tag: Mapped[str | None] = mapped_column(String(200))
-    parent_id: Mapped[int | None] = mapped_column(ForeignKey("adapter_versions.id", ondelete="SET NULL"))
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("adapter_versions.id", ondelete="SET NULL"),
+                                                  index=True)
     source: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # {"kind": "train" | "hub" | "import", ...}
+    # ``source``'s repo and commit as columns (when they are strings that fit), so find_by_source is an index
+    # lookup rather than a scan of every version's JSON.
+    source_repo: Mapped[str | None] = mapped_column(String(300))
+    source_commit: Mapped[str | None] = mapped_column(String(64))
     data: Mapped[str | None] = mapped_column(Text)  # training data description
     status: Mapped[str] = mapped_column(String(20), default="ready")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -112,7 +122,7 @@ class Tag(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     version_id: Mapped[int] = mapped_column(ForeignKey("adapter_versions.id", ondelete="CASCADE"))
-    key: Mapped[str] = mapped_column(String(200))
+    key: Mapped[str] = mapped_column(String(200), index=True)  # listings filter by tag
     value: Mapped[str] = mapped_column(Text)
 
     version: Mapped[AdapterVersion] = relationship(back_populates="tags")

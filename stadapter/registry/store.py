@@ -1,10 +1,11 @@
 """The content-addressed blob store: every registered file lives once under ``blobs/ab/cdef...`` (its sha256).
 
 Publishing a file writes a temporary file in the blob's own directory, fsyncs it, renames it into place and
-fsyncs the directory, so a blob path is either absent or complete. Blobs are read-only and checked against
-their sha256 whenever they are read. Publishers hold a shared lock on ``blobs/.lock`` from their first blob
-until their database row commits (readers hold it while they copy blobs out); ``gc`` takes it exclusively, so
-it never deletes a blob whose row is about to commit.
+fsyncs the directory, so a blob path is either absent or complete. A blob's bytes are hashed as they enter the
+store (its name is that sha256, the store's trust anchor); reading them back checks sizes, and hashes again only
+when asked (``Registry.verify = "always"``, ``--verify always``) or when copying out. Publishers hold a shared
+lock on ``blobs/.lock`` from their first blob until their database row commits (readers hold it while they copy
+blobs out); ``gc`` takes it exclusively, so it never deletes a blob whose row is about to commit.
 """
 
 from __future__ import annotations
@@ -70,9 +71,10 @@ class BlobStore:
         return final
 
     # -- reading ---------------------------------------------------------------------------------------
-    def export(self, sha256: str, size: int, dest: Path, what: str, link: bool) -> None:
+    def export(self, sha256: str, size: int, dest: Path, what: str, link: bool, hashed: bool = True) -> None:
         """Write the blob to ``dest`` (a hard link when ``link`` and possible, else a copy), checking its
-        sha256 on the way; ``what`` names the file and version in errors."""
+        sha256 on the way (a hard link: only its size unless ``hashed``; a copy is always hashed as it is
+        written); ``what`` names the file and version in errors."""
         blob = self.path(sha256)
         if not blob.is_file():
             raise BundleError(f"{what} is missing from the blob store {self.root} (blob {sha256[:12]}...)")
@@ -82,7 +84,7 @@ class BlobStore:
             except OSError:
                 link = False
         if link:
-            intact = self.check(dest, sha256, size)
+            intact = self.check(dest, sha256, size, hashed)
         else:
             with open(dest, "wb") as dst:
                 digest, copied = copy_hashing(blob, dst)
@@ -93,9 +95,10 @@ class BlobStore:
                               f"{sha256[:12]}... ({blob})")
 
     @staticmethod
-    def check(path: Path, sha256: str, size: int) -> bool:
-        """Whether ``path`` is a file of ``size`` bytes whose sha256 is ``sha256``."""
-        return path.is_file() and path.stat().st_size == size and sha256_file(path) == sha256
+    def check(path: Path, sha256: str, size: int, hashed: bool = True) -> bool:
+        """Whether ``path`` is a file of ``size`` bytes whose sha256 is ``sha256`` (unless not ``hashed``: the
+        store's trust mode, where a blob was hashed once, when it entered the store)."""
+        return path.is_file() and path.stat().st_size == size and (not hashed or sha256_file(path) == sha256)
 
     # -- collecting ------------------------------------------------------------------------------------
     def sweep(self, referenced: Iterable[str]) -> tuple[int, int]:

@@ -21,9 +21,11 @@ import os
 import platform
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -74,6 +76,20 @@ def device_name(device: str | torch.device) -> str:
     return f"CPU {model or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
+BACKBONE_SAMPLE = 256  # tasks `registered_backbone` looks at (one page: serve starts fast on a large registry)
+
+
+def registered_backbone(registry: Registry) -> VersionInfo | None:
+    """The latest version of a task trained on the backbone most registered tasks share (among the first
+    BACKBONE_SAMPLE tasks by name; ties: the first task by name); None when no task has a version. What `serve`
+    loads when no task or backbone is named."""
+    served = [t for t in registry.list_page(limit=BACKBONE_SAMPLE).tasks if t.current_fingerprint is not None]
+    if not served:
+        return None
+    counts = Counter(t.current_fingerprint for t in served)  # one listing query, no resolve per task
+    return registry.resolve(next(t.name for t in served if counts[t.current_fingerprint] == max(counts.values())))
+
+
 class Engine:
     """A frozen backbone on one device, a pool of adapter sets, and the mixed-task forward. See the module
     docstring. ``forward``/``predict`` are meant to be called from one thread (the one that owns the model);
@@ -99,6 +115,7 @@ class Engine:
         self._resolved: dict[str, _Resolved] = {}
         self._handles: dict[tuple[str, int], TaskHandle] = {}
         self._paths: dict[int, tuple[Path, tuple[int, int, int, int]]] = {}
+        self._shapes: dict[tuple[Any, int], Mapping[str, tuple[int, ...]]] = {}
         self._lock = threading.RLock()
         self._compiled: CompiledBackbone | None = None
         if compile:
@@ -112,20 +129,25 @@ class Engine:
     @classmethod
     def open(cls, registry: Registry, backbone: str | None = None, weights: str | None = None,
              tasks: Sequence[str] = (), device: str | None = "auto", **kwargs: Any) -> Engine:
-        """Load the backbone (by default the one the first task's bundle was trained on) and build an engine.
-        ``tasks`` are resolved at once, so an unknown task or a bundle of another backbone fails here."""
+        """Load the backbone and build an engine. Without ``backbone``: the one the first of ``tasks`` was
+        trained on, else the one most registered tasks were trained on (:func:`registered_backbone`), with
+        the weights its bundle names. ``tasks`` are resolved at once, so an unknown task or a bundle of another
+        backbone fails here."""
         from stadapter.model.loading import load_backbone
 
         infos = [registry.resolve(ref) for ref in tasks]  # a bad name or unknown task fails before the load
+        fingerprint = None
         if backbone is None:
-            if not infos:
+            info = infos[0] if infos else registered_backbone(registry)
+            if info is None:
                 from stadapter.config import DEFAULT_BACKBONE
 
                 backbone = DEFAULT_BACKBONE
             else:
-                backbone = infos[0].backbone_spec
-                weights = weights if weights is not None else (infos[0].backbone_weights or None)
-        engine = cls(load_backbone(backbone, weights), registry, device=device, **kwargs)
+                backbone = info.backbone_spec
+                if weights is None:  # the bundle's weights, found again by their fingerprint if the file moved
+                    weights, fingerprint = info.backbone_weights or None, info.backbone_fingerprint
+        engine = cls(load_backbone(backbone, weights, fingerprint), registry, device=device, **kwargs)
         for ref in tasks:
             engine.resolve(ref)
         return engine
@@ -163,7 +185,11 @@ class Engine:
 
     def _make_handle(self, ref: str, info: VersionInfo) -> TaskHandle:
         parsed = parse_config(info.config, info.labels, info.ref)  # the checks registration made
-        expected = VideoViT(self.backbone, parsed.adapter, parsed.spec.num_frames).expected_shapes()
+        key = (parsed.adapter, parsed.spec.num_frames)  # thousands of tasks share a few layouts
+        expected = self._shapes.get(key)
+        if expected is None:
+            shapes = VideoViT(self.backbone, parsed.adapter, parsed.spec.num_frames).expected_shapes()
+            expected = self._shapes[key] = MappingProxyType(shapes)
         return TaskHandle(ref, info, parsed.adapter, parsed.spec, parsed.labels, expected)
 
     def _source(self, handle: TaskHandle) -> SetSource:
@@ -176,8 +202,9 @@ class Engine:
         return SetSource(handle.key, lambda: self._locate(handle), check, handle.name)
 
     def _locate(self, handle: TaskHandle) -> Path:
-        """The verified adapter.safetensors of a version: materialized (every file's sha256 checked) once per
-        process, then reused while the file's inode, size and times are unchanged."""
+        """The adapter.safetensors of a version: materialized once per process (names and sizes checked; every
+        file's sha256 too under the registry's verify "always"), then reused while the file's inode, size and
+        times are unchanged."""
         cached = self._paths.get(handle.key)
         if cached is not None and _stat(cached[0]) == cached[1]:
             return cached[0]
@@ -186,7 +213,7 @@ class Engine:
         return path
 
     def prepare(self, ref: str) -> TaskHandle:
-        """Resolve a task and verify its files (sha256, once per process) without making it resident, so a
+        """Resolve a task and materialize its files (once per process) without making it resident, so a
         later cold load only reads the file."""
         h = self.resolve(ref)
         self._locate(h)

@@ -9,7 +9,10 @@ reads them by reference, so binding a resident set copies no tensor. Sets live i
     store   the registry's verified files on local disk (``adapter.safetensors``)
 
 Loading from the store reads the safetensors file once: its header is parsed by the bundle format
-(``bundle.read_safetensors_header``) and every tensor is a view into one buffer. On the CPU that buffer is a
+(``bundle.read_safetensors_header``, which checks every entry against the file's size) and every tensor is a view
+into one buffer. Its values are not scanned again: the registry checked them (finite, ``bundle.check_bundle``)
+when the bundle entered the store, whose blobs are named by their sha256 (``check_values=True`` scans them, for
+files from anywhere else). On the CPU that buffer is a
 copy-on-write memory map of the (read-only, content-addressed) store file with its pages mapped up front, so a
 resident set costs exactly its tensor bytes, loading copies nothing, and several processes serving the same set
 share one copy in the page cache; ``mmap=False`` reads into private memory instead. On CUDA the file goes through a
@@ -185,7 +188,7 @@ class AdapterPool:
 
     def __init__(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, *,
                  max_sets: int | None = 64, max_bytes: int | None = None, host_max_bytes: int | None = 8 << 30,
-                 mmap: bool | None = None, workers: int = 1) -> None:
+                 mmap: bool | None = None, workers: int = 1, check_values: bool = False) -> None:
         if max_sets is not None and max_sets < 1:
             raise ValueError(f"max_sets must be >= 1 or None, got {max_sets}")
         self.device = torch.device(device)
@@ -195,6 +198,7 @@ class AdapterPool:
         self.cuda = self.device.type == "cuda"
         self.host_max_bytes = host_max_bytes if self.cuda else 0
         self.mmap = (not self.cuda) if mmap is None else mmap
+        self.check_values = check_values
         self.stats = PoolStats()
         self._device: OrderedDict[Hashable, ResidentSet] = OrderedDict()
         self._host: OrderedDict[Hashable, tuple[Tensor, dict[str, TensorEntry], str]] = OrderedDict()
@@ -317,7 +321,7 @@ class AdapterPool:
 
     def _from_store(self, source: SetSource) -> ResidentSet:
         path = Path(source.locate())
-        offset, entries = read_header(path, check_values=True)
+        offset, entries = read_header(path, check_values=self.check_values)
         if self.cuda:
             raw = read_file(path, offset, pin=True)
             return self._to_device(source, raw, entries)

@@ -3,7 +3,8 @@ worker thread that owns the model.
 
     POST /v1/predict   a clip (multipart upload, field ``clip``) or a JSON ``{"path": ...}`` under an allowed
                        root, with one or more tasks -> each task's top-k labels
-    GET  /v1/tasks     registered tasks, their versions and aliases, and whether they fit the running backbone
+    GET  /v1/tasks     registered tasks, their versions and aliases, and whether they fit the running backbone:
+                       a page (?limit=&after=, filters ?prefix=&alias=&tag=) in one query, cached for alias_ttl
     GET  /healthz      the process is up;  GET /readyz  the worker is running and accepting work
     GET  /metrics      Prometheus: requests, latency histograms, batch sizes, swaps, pool hits and misses
     GET  /docs         OpenAPI docs
@@ -43,9 +44,9 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -63,12 +64,13 @@ from stadapter.errors import (
     RegistryUnavailable,
     StadapterError,
 )
-from stadapter.registry import Registry, TaskInfo
+from stadapter.registry import Registry
 from stadapter.registry.db import redact as redact_url
 from stadapter.runtime.batcher import Batcher, Job, NotReady, QueueFull
 from stadapter.runtime.engine import Engine
 from stadapter.runtime.httpguard import CLOSE, BearerAuth, HTTPProblem, Redactor, check_token, header_deadline_protocol
 from stadapter.runtime.inputs import DecodeBusy, DecodePool, task_views
+from stadapter.runtime.listing import DEFAULT_LIMIT, MAX_LIMIT, TaskListing
 from stadapter.runtime.predict import task_results
 from stadapter.runtime.types import TaskHandle
 from stadapter.runtime.uploads import read_body, read_upload
@@ -406,6 +408,7 @@ class Api:
         self.batcher = Batcher(engine, max_batch=config.max_batch, max_wait_ms=config.max_wait_ms,
                                queue_size=config.queue_size, observer=self.metrics)
         self.decodes = DecodePool(config.decode_workers, config.decode_queue)
+        self.listing = TaskListing(engine, self.redact)
         self.shutting_down = False
 
     @asynccontextmanager
@@ -435,26 +438,20 @@ class Api:
     def prometheus(self) -> PlainTextResponse:
         return PlainTextResponse(self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
-    def tasks(self) -> dict[str, Any] | JSONResponse:
+    def tasks(self, limit: Annotated[int, Query(ge=1, le=MAX_LIMIT, description="Tasks per page.")] = DEFAULT_LIMIT,
+              after: Annotated[str | None, Query(description="The previous page's next_after.")] = None,
+              prefix: Annotated[str | None, Query(description="Only task names starting with this.")] = None,
+              alias: Annotated[str | None, Query(description="Only tasks with this alias.")] = None,
+              tag: Annotated[str | None, Query(description="Only tasks with a version tagged KEY or KEY=VALUE.")]
+              = None) -> dict[str, Any] | JSONResponse:
+        """A page of the registered tasks by name (one query, cached for the alias TTL: see runtime/listing.py);
+        ``next_after`` asks for the next page (null: the last one)."""
         try:
-            items = [self._task_item(t) for t in self.engine.registry.list_tasks()]
+            page = self.listing.page(limit, after, prefix, alias, tag)  # a malformed filter: InputError, 400
         except Exception as e:  # noqa: BLE001 - answered like predict's errors (a database outage: 503)
             status, body, headers = problem_of(e, self.config.retry_after_s, self.redact)
             return JSONResponse(body, status_code=status, headers=headers)
-        return {"backbone": self.engine.describe()["backbone"], "tasks": items}
-
-    def _task_item(self, task: TaskInfo) -> dict[str, Any]:
-        item: dict[str, Any] = {"task": task.name, "versions": task.versions, "latest": task.latest,
-                                "aliases": task.aliases}
-        try:
-            h = self.engine.resolve(task.name)
-            item.update(servable=True, version=h.name, num_classes=h.num_classes, num_frames=h.num_frames,
-                        views=h.spec.temporal_views * h.spec.spatial_views, resident=self.engine.pool.where(h.key))
-        except RegistryUnavailable:
-            raise
-        except StadapterError as e:
-            item.update(servable=False, reason=self.redact(str(e)))
-        return item
+        return {"backbone": self.engine.describe()["backbone"], **page, "limit": limit}
 
     async def predict(self, request: Request) -> JSONResponse:
         t0 = time.perf_counter()

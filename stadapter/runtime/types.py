@@ -13,7 +13,7 @@ from stadapter.config import AdapterConfig, TaskSpec
 from stadapter.runtime.pool import ResidentSet
 
 if TYPE_CHECKING:  # the registry (and SQLAlchemy) loads only when an engine is opened on one
-    from stadapter.registry.api import TaskInfo, VersionInfo
+    from stadapter.registry.api import TaskInfo, TaskPage, VersionInfo
 
 
 class Registry(Protocol):
@@ -29,6 +29,11 @@ class Registry(Protocol):
 
     def list_tasks(self) -> list[TaskInfo]:
         """Every task with its versions and aliases."""
+        ...
+
+    def list_page(self, limit: int | None = 100, after: str | None = None, prefix: str | None = None,
+                  alias: str | None = None, tag: str | None = None) -> TaskPage:
+        """A page of tasks by name after ``after``, filtered; one query whatever the registry's size."""
         ...
 
 

@@ -1,8 +1,14 @@
 """Glue between the video datasets and the training loop: batches that carry each clip's index (for
-per-sample seeds) and drop clips which fail to decode (counted by ``stadapter.video.datasets.SkipCounter``)."""
+per-sample seeds) and drop clips which fail to decode (counted by ``stadapter.video.datasets.SkipCounter``).
+
+Threads: each decode worker runs one torch thread (:func:`decode_worker_init`); the training process takes the
+cores that are left (:func:`main_threads`: the cores it may run on, shared among the local DDP processes, less
+one per decode worker, at least 1) unless ``OMP_NUM_THREADS`` sets the count.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,10 +72,37 @@ def collate_indexed(batch: list[IndexedItem]) -> IndexedBatch:
     return ids, clips, labels, skipped
 
 
+def decode_worker_init(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: one torch thread per decode worker, so workers do not oversubscribe."""
+    torch.set_num_threads(1)
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS reports it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def main_threads(workers: int, local_processes: int = 1, cores: int | None = None) -> int:
+    """torch threads for a training process: its share of the cores, less one per decode worker, at least 1."""
+    share = (cores if cores is not None else available_cores()) // max(1, local_processes)
+    return max(1, share - workers)
+
+
+def set_main_threads(workers: int, local_processes: int = 1) -> int:
+    """Apply :func:`main_threads` (unless ``OMP_NUM_THREADS`` is set: then that count stays); returns the count."""
+    if not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(main_threads(workers, local_processes))
+    return torch.get_num_threads()
+
+
 def make_loader(source: ClipSource, plan: Sequence[Sequence[int]], epoch: int, train: bool, seed: int,
                 workers: int) -> DataLoader[IndexedItem]:
     ds = source.dataset(train=train, epoch=epoch)
     if source.cache is not None:
         workers = 0  # the cache lives in this process; worker processes would fill and drop copies of it
     return DataLoader(_Indexed(ds, source.samples), batch_sampler=[list(b) for b in plan],
-                      collate_fn=collate_indexed, num_workers=workers, persistent_workers=False)
+                      collate_fn=collate_indexed, num_workers=workers, persistent_workers=False,
+                      worker_init_fn=decode_worker_init if workers else None)

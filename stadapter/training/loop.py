@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -27,13 +28,12 @@ from stadapter.errors import ConfigError, StadapterError
 from stadapter.fsio import publish_file
 from stadapter.model.video_vit import VideoViT
 from stadapter.training import dist as D
-from stadapter.training.data import ClipSource, IndexedBatch, make_loader
+from stadapter.training.data import ClipSource, IndexedBatch, make_loader, set_main_threads
 from stadapter.training.evaluate import evaluate
+from stadapter.training.monitor import Monitor
 from stadapter.training.optim import lr_at, make_optimizer, scaled_lr, set_lr
+from stadapter.training.rundir import CHECKPOINT, METRICS_LOG
 from stadapter.video.datasets import SkipCounter
-
-CHECKPOINT = "checkpoint.pt"
-METRICS_LOG = "metrics.jsonl"
 
 
 class AdapterParams(nn.Module):
@@ -84,8 +84,9 @@ class TrainJob:
     max_steps: int | None = None  # stop early (tests, smoke runs)
     device: str | None = None
     log: Callable[[str], None] = print
-    progress: bool = True
+    progress: bool = True  # a progress bar on a terminal (plain log lines otherwise)
     extra: dict[str, Any] = field(default_factory=dict)
+    log_to: tuple[str, ...] = ()  # trackers: "tensorboard" (event files in out/tensorboard)
 
 
 @dataclass
@@ -95,6 +96,7 @@ class TrainResult:
     steps: int
     seconds: float
     skipped: int
+    finished_before: bool = False  # resumed a run whose checkpoint was already at its last step
 
 
 def plan_steps(n_train: int, cfg: TrainConfig, world: int) -> tuple[int, int, int]:
@@ -118,10 +120,10 @@ def micro_batches(global_batch: list[int], info: D.DistInfo, accum: int) -> list
     return [mine[m * size:(m + 1) * size] for m in range(accum)]
 
 
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX), read from /proc/cpuinfo (Linux)."""
+def cpu_has_fast_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX), read from ``cpuinfo`` (Linux)."""
     try:
-        flags = Path("/proc/cpuinfo").read_text().split()
+        flags = cpuinfo.read_text().split()
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
@@ -164,6 +166,28 @@ class _Schedule:
         end_of_epoch = step % self.per_epoch == 0
         return step == self.total or (
             end_of_epoch and eval_every > 0 and (step // self.per_epoch) % max(1, int(eval_every)) == 0)
+
+
+FAR_BELOW = 4  # a batch of at most 1/FAR_BELOW of the recipe's is far below it: training warns
+
+
+def plan_lines(job: TrainJob, sched: _Schedule, n_train: int, threads: int, workers: int) -> list[str]:
+    """What a run is about to do, said before its first step; a warning when the batch is far below the
+    recipe's, saying what ``--lr`` means and which rate the batch gets."""
+    cfg, ref = job.train, job.train.lr_ref_batch
+    epochs = sched.total / sched.per_epoch
+    lines = [f"training {job.task}: {n_train} clips, batch {sched.batch}"
+             + (f" (the recipe's: {ref})" if ref else "")
+             + f", {sched.per_epoch} step(s) per epoch x {epochs:g} epoch(s) = {sched.total} steps "
+             f"(warmup {sched.warmup}); peak learning rate {sched.peak:.3g} (--lr {cfg.lr_per_256:g} per 256 "
+             f"clips); {threads} torch thread(s), {workers} decode worker(s)"]
+    if ref and sched.batch * FAR_BELOW <= ref:
+        linear = cfg.lr_per_256 * sched.batch / 256
+        lines.append(f"warning: batch {sched.batch} is far below the recipe's {ref}. --lr is the learning rate "
+                     f"per 256 clips, scaled linearly at and above the recipe's batch; a smaller batch keeps the "
+                     f"recipe's rate at its own batch ({sched.peak:.3g}, not the linear {linear:.3g}). "
+                     f"Few clips or steps may still need a larger --lr.")
+    return lines
 
 
 @dataclass
@@ -216,16 +240,25 @@ def run_training(job: TrainJob, model: VideoViT, info: D.DistInfo, resume: bool 
     opt = make_optimizer(module.tensors(), cfg, sched.peak)
     amp_dtype = autocast_dtype(cfg, device)
     if amp_dtype is torch.bfloat16 and info.is_main and not cpu_has_fast_bf16():
-        job.log("cpu_bf16: this CPU reports neither AVX512-BF16 nor AMX; bf16 steps may be slower than fp32")
+        job.log("warning: --cpu-bf16: this CPU reports neither AVX512-BF16 nor AMX, so bf16 steps may be several "
+                "times slower than fp32; drop --cpu-bf16 (or pass --no-cpu-bf16)")
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)  # bf16 needs no loss scaling
     ckpt_path, signature = job.out / CHECKPOINT, _signature(job, sched.batch, sched.total)
     step = _resume(job, module, opt, scaler, signature, info) if resume else 0
+    if resume and step >= sched.total:
+        return TrainResult(_final(module), None, step, 0.0, 0, finished_before=True)
+    workers = 0 if job.train_source.cache is not None else cfg.num_workers
+    threads = set_main_threads(workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if info.is_main:
+        for line in plan_lines(job, sched, n_train, threads, workers):
+            job.log(line)
     ddp = (DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
            if info.enabled else module)
     stepper = _Stepper(module, ddp, opt, scaler, info, device, amp_dtype, cfg.grad_accum, sched.batch)
     skips = SkipCounter(warn=job.log if info.is_main else (lambda _: None))
     start, seen, metrics = time.monotonic(), 0, None
-    bar = _Progress(sched.total, step, enabled=job.progress and info.is_main, label=job.task)
+    bar = Monitor(sched.total, step, job.task, job.log, enabled=info.is_main, progress=job.progress,
+                  log_to=job.log_to, out=job.out)
     try:
         with _metrics_log(job.out / METRICS_LOG, enabled=info.is_main) as write_metrics:
             model.train()
@@ -242,7 +275,7 @@ def run_training(job: TrainJob, model: VideoViT, info: D.DistInfo, resume: bool 
                     step += 1
                     seen += n_clips * info.world_size
                     mean_loss, rate = loss_sum / max(1, n_clips), seen / max(1e-9, time.monotonic() - start)
-                    bar.advance(loss=mean_loss, lr=lr, rate=rate)
+                    bar.step(step, epoch, mean_loss, lr, rate)
                     write_metrics({"step": step, "epoch": epoch, "loss": mean_loss, "lr": lr, "clips_per_s": rate})
                     if step % cfg.checkpoint_every == 0 or step == sched.total:
                         if info.is_main:
@@ -258,8 +291,11 @@ def run_training(job: TrainJob, model: VideoViT, info: D.DistInfo, resume: bool 
                 del it, loader
     finally:
         bar.close()
-    final = {k: v.detach().to("cpu", torch.float32).clone() for k, v in module.tensors().items()}
-    return TrainResult(final, metrics, step, time.monotonic() - start, skips.skipped)
+    return TrainResult(_final(module), metrics, step, time.monotonic() - start, skips.skipped)
+
+
+def _final(module: AdapterParams) -> dict[str, Tensor]:
+    return {k: v.detach().to("cpu", torch.float32).clone() for k, v in module.tensors().items()}
 
 
 MetricsWriter = Callable[[dict[str, Any]], None]
@@ -281,12 +317,12 @@ def _metrics_log(path: Path, enabled: bool) -> Iterator[MetricsWriter]:
 
 
 def _validate(job: TrainJob, source: ClipSource, model: VideoViT, module: AdapterParams, step: int,
-              write_metrics: MetricsWriter, bar: _Progress) -> dict[str, Any]:
+              write_metrics: MetricsWriter, bar: Monitor) -> dict[str, Any]:
     """Metrics of the adapter set so far on the validation clips, logged and shown on the progress bar."""
     metrics = evaluate(model, module.tensors(), source, job.labels, workers=job.train.num_workers)
     metrics["step"] = step
     write_metrics({"step": step, "split": "val", "top1": metrics["top1"], "top5": metrics["top5"]})
-    bar.note(f"val top-1 {metrics['top1']:.3f}")
+    bar.evaluation(step, metrics["top1"], metrics["top5"])
     return metrics
 
 
@@ -296,6 +332,7 @@ def _resume(job: TrainJob, module: AdapterParams, opt: torch.optim.Optimizer, sc
     ckpt_path = job.out / CHECKPOINT
     if not ckpt_path.exists():
         job.log(f"no checkpoint in {job.out}; starting from scratch")
+        _truncate_log(job.out / METRICS_LOG, 0)  # lines of a run killed before its first checkpoint
         return 0
     step = _load_checkpoint(ckpt_path, module, opt, scaler, signature)
     _truncate_log(job.out / METRICS_LOG, step)
@@ -345,31 +382,3 @@ def _truncate_log(path: Path, step: int) -> None:
         return
     keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
     path.write_text("".join(line + "\n" for line in keep))
-
-
-class _Progress:
-    """A rich progress bar with loss, lr, clips/s and ETA (quiet when disabled)."""
-
-    def __init__(self, total: int, done: int, enabled: bool, label: str) -> None:
-        self.enabled = enabled
-        if not enabled:
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.p = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                          TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[rate]} clips/s"),
-                          TextColumn("{task.fields[note]}"), TimeRemainingColumn(), transient=False)
-        self.p.start()
-        self.t = self.p.add_task(f"train {label}", total=total, completed=done, loss="-", lr="-", rate="-", note="")
-
-    def advance(self, loss: float, lr: float, rate: float) -> None:
-        if self.enabled:
-            self.p.update(self.t, advance=1, loss=f"{loss:.4f}", lr=f"{lr:.2e}", rate=f"{rate:.1f}")
-
-    def note(self, text: str) -> None:
-        if self.enabled:
-            self.p.update(self.t, note=text)
-
-    def close(self) -> None:
-        if self.enabled:
-            self.p.stop()

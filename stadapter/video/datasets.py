@@ -3,7 +3,9 @@ Dataset that turns samples into clips (a clip that cannot be decoded is skipped 
 
 Formats (``load_annotations`` detects them):
 - ``list``: mmaction2-style lines ``path label`` (label an index or a class name); a ``labels.json`` beside the
-  file names the classes.
+  file names the classes. Labels and paths may hold spaces: the path ends with its video file extension
+  (``my clip.mp4 riding a segway``), or a tab separates the two (``my clip<TAB>wave``); see
+  :func:`split_list_line`.
 - ``csv``: a header with ``path`` and ``label`` columns.
 - ``k400``: Kinetics CSVs (``label,youtube_id,time_start,time_end,split[,is_cc]``); clips are
   ``{root}/{label}/{youtube_id}_{time_start:06d}_{time_end:06d}.mp4`` (label folder as written or with
@@ -134,18 +136,49 @@ def _lines(path: Path) -> list[tuple[int, str]]:
 
 # ---------------------------------------------------------------------------------------------- formats
 
+VIDEO_SUFFIXES = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".3gp",
+                  ".ogv", ".ts")
+
+
+def split_list_line(line: str, where: str) -> tuple[str, str]:
+    """(path, label) of one list-file line.
+
+    With a tab, the path is what comes before the first tab and the label what comes after. Without one, the
+    path runs through the last whitespace-separated word that ends in a video file extension (VIDEO_SUFFIXES; so
+    ``my clip.mp4 riding a segway`` is the path ``my clip.mp4`` and the label ``riding a segway``), or is the
+    first word when none does; the label is the rest. Runs of blanks in a label count as one space.
+    AnnotationError naming ``where`` (FILE:LINE) for a line with no label or with a second tab."""
+    if "\t" in line:
+        path, _, label = (part.strip() for part in line.partition("\t"))
+        if "\t" in label:
+            raise AnnotationError(f"{where}: expected 'path<TAB>label' with one tab, got {line!r}")
+    else:
+        words = line.split()
+        ends = [i for i, w in enumerate(words[:-1]) if w.lower().endswith(VIDEO_SUFFIXES)]
+        cut = ends[-1] + 1 if ends else 1
+        path = line[:_word_end(line, cut)].strip()
+        label = " ".join(words[cut:])
+    label = " ".join(label.split())
+    if not path or not label:
+        raise AnnotationError(f"{where}: expected 'path label' (or 'path<TAB>label'), got {line!r}")
+    return path, label
+
+
+def _word_end(line: str, n: int) -> int:
+    """The index in ``line`` just after its ``n``-th whitespace-separated word (n >= 1)."""
+    return [m.end() for m in re.finditer(r"\S+", line)][n - 1]
+
+
 def parse_list(path: Path, root: Path | None = None, classes: Sequence[str] | None = None) -> Annotations:
-    """``path label`` lines (the last field is the label, so paths may hold spaces)."""
+    """``path label`` lines: the label is everything after the path (:func:`split_list_line`)."""
     root = root or path.parent
     if classes is None and (path.parent / "labels.json").is_file():
         classes = load_labels(path.parent / "labels.json")
     paths, raw, where = [], [], []
     for n, line in _lines(path):
-        parts = line.rsplit(None, 1)
-        if len(parts) != 2:
-            raise AnnotationError(f"{path}:{n}: expected 'path label', got {line!r}")
-        paths.append(parts[0])
-        raw.append(parts[1])
+        clip, label = split_list_line(line, f"{path}:{n}")
+        paths.append(clip)
+        raw.append(label)
         where.append(f"{path}:{n}")
     labels, names = _Labels(classes).resolve(raw, where)
     return Annotations([Sample(_resolve(root, p), y) for p, y in zip(paths, labels, strict=True)], names)

@@ -1,0 +1,54 @@
+"""A training run's folder (``--out``): what it holds, and when it may be reused.
+
+    OUT/checkpoint.pt     the latest checkpoint (resumable)
+    OUT/metrics.jsonl     one JSON line per step and per evaluation
+    OUT/tensorboard/      event files (``--log-to tensorboard``)
+    OUT/bundle/           the trained bundle (with curves.png and, after a validation, confusion.png)
+
+A folder that holds a run is refused unless the run is resumed (``--resume``) or started again
+(``--overwrite``, which deletes the run's own files above and nothing else).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from stadapter.errors import ConfigError
+
+CHECKPOINT = "checkpoint.pt"
+METRICS_LOG = "metrics.jsonl"
+BUNDLE_DIR = "bundle"
+TENSORBOARD_DIR = "tensorboard"
+CURVES = "curves.png"
+CONFUSION = "confusion.png"
+RUN_FILES = (CHECKPOINT, METRICS_LOG, BUNDLE_DIR, TENSORBOARD_DIR, CURVES)
+
+
+def previous_run(out: Path) -> list[str]:
+    """The run files ``out`` already holds (empty for a new or an unrelated folder)."""
+    return [name for name in (CHECKPOINT, METRICS_LOG, BUNDLE_DIR) if (out / name).exists()]
+
+
+def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool, delete: bool = True) -> None:
+    """Refuse to reuse a run folder without ``resume`` or ``overwrite``; with ``overwrite`` (and ``delete``: the
+    main process of a torchrun job), delete the old run's files. One-line ConfigErrors."""
+    if resume and overwrite:
+        raise ConfigError("--resume continues the run in --out and --overwrite starts it again; pass one of them")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder")
+    found = previous_run(out)
+    if found and not (resume or overwrite):
+        raise ConfigError(f"{out} already holds a training run ({', '.join(found)}); pass --resume to continue it "
+                          f"or --overwrite to start it again, or choose another --out")
+    if overwrite and delete:
+        for name in RUN_FILES:
+            path = out / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+
+
+__all__ = ["BUNDLE_DIR", "CHECKPOINT", "CONFUSION", "CURVES", "METRICS_LOG", "RUN_FILES", "TENSORBOARD_DIR",
+           "prepare_run_dir", "previous_run"]

@@ -25,7 +25,7 @@ keeps what it had measured):
 Writes gpu.json (every figure, goals, each section's status) and gpu.log (everything printed) into --out
 (default: $OUT when set, else runs/gpu); prints nvidia-smi's GPU name, torch and CUDA versions first. Exits 1
 when a section or the tests failed (a goal not met is reported, not a failure). Timings of the engine and
-the backbone reuse benchmarks/runtime.py's helpers (Bench, BareBackbone, PeftStyle).
+the backbone reuse benchmarks/runtime.py's helpers (Bench, BareBackbone, switch_streams).
 """
 
 from __future__ import annotations
@@ -295,8 +295,7 @@ def log(msg: str) -> None:
 # -- serve -------------------------------------------------------------------------------------------
 
 def section_serve(ctx: Ctx) -> None:
-    import torch
-    from runtime import BareBackbone, PeftStyle
+    from runtime import BareBackbone, switch_streams
 
     from stadapter.model.flops import count_gmacs
     from stadapter.model.video_vit import VideoViT
@@ -338,25 +337,8 @@ def section_serve(ctx: Ctx) -> None:
     # switching: requests alternating between two tasks vs staying on one; a PEFT-style copy beside it
     per_req, n_req = ctx.pick((2, 4), (4, 12))
     reqs = [b.clips(per_req) for _ in range(n_req)]
-    pefts = {alt: PeftStyle(b.backbone, hs[:2], e, b.device, b.dtype) for alt in (False, True)}
-
-    def stream(order: Callable[[int], int]) -> Callable[[], None]:
-        def run() -> None:
-            for i in range(n_req):
-                e.forward(reqs[i], [hs[order(i)]] * per_req)
-        return run
-
-    def peft_stream(alternate: bool) -> Callable[[], None]:
-        peft = pefts[alternate]
-
-        def run() -> None:
-            for i in range(n_req):
-                peft.swap(i % 2 if alternate else 0)
-                peft.forward(torch.stack(reqs[i]))
-        return run
-
-    t = b.interleaved({"one": stream(lambda i: 0), "alt": stream(lambda i: i % 2),
-                       "peft_one": peft_stream(False), "peft_alt": peft_stream(True)}, rounds)
+    streams, pefts = switch_streams(e, b.backbone, hs, reqs, b.device, b.dtype)
+    t = b.interleaved(streams, rounds)
     b.put("switch_ratio", t["one"] / t["alt"], "a switch", f"{n_req} requests x {per_req} clips, best of {rounds}")
     b.put("switch_ratio_peft_copy", t["peft_one"] / t["peft_alt"], "a switch",
           f"load_state_dict per switch ({pefts[True].nbytes / 1e6:.1f} MB)")

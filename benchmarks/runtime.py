@@ -32,12 +32,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -62,6 +62,34 @@ GOALS = {"switch_ratio": (">=", 0.99), "mixed_batch_ratio": (">=", 0.9), "adapte
          "resident_ratio": ("<=", 1.1), "zipf_throughput_ratio": (">=", 0.9), "zipf_p99_ratio": ("<=", 1.5),
          "cold_load_p99_ms": ("<=", 10.0)}
 VIT_B16_K400_PARAMS = 7_417_744
+
+
+def switch_streams(e: Engine, backbone: Any, hs: list[Any], reqs: list[list[torch.Tensor]], device: Any,
+                   dtype: torch.dtype) -> tuple[dict[str, Callable[[], None]], dict[bool, PeftStyle]]:
+    """The four request streams of the switch measurement: the engine staying on one task ("one") or
+    alternating between two ("alt"), and a PEFT-style copy of the adapters into module parameters per switch
+    ("peft_one", "peft_alt"). Also returns the PEFT-style models (for their byte counts)."""
+    n_req, per_req = len(reqs), len(reqs[0])
+
+    def stream(order: Callable[[int], int]) -> Callable[[], None]:
+        def run() -> None:
+            for i in range(n_req):
+                e.forward(reqs[i], [hs[order(i)]] * per_req)
+        return run
+
+    pefts = {alt: PeftStyle(backbone, hs[:2], e, device, dtype) for alt in (False, True)}
+
+    def peft_stream(alternate: bool) -> Callable[[], None]:
+        peft = pefts[alternate]
+
+        def run() -> None:
+            for i in range(n_req):
+                peft.swap(i % 2 if alternate else 0)
+                peft.forward(torch.stack(reqs[i]))
+        return run
+
+    return ({"one": stream(lambda i: 0), "alt": stream(lambda i: i % 2),
+             "peft_one": peft_stream(False), "peft_alt": peft_stream(True)}, pefts)
 
 
 class Bench:
@@ -168,20 +196,7 @@ class Bench:
         rounds = 8 if self.quick else 30
         reqs = [self.clips(per_req) for _ in range(n_req)]
 
-        def stream(order: Callable[[int], int]) -> Callable[[], None]:
-            return lambda: [e.forward(reqs[i], [hs[order(i)]] * per_req) for i in range(n_req)]
-
-        # PEFT-style: adapters as module parameters; a switch copies the next state dict into them
-        pefts = {alt: PeftStyle(self.backbone, hs[:2], e, self.device, self.dtype) for alt in (False, True)}
-
-        def peft_stream(alternate: bool) -> Callable[[], None]:
-            peft = pefts[alternate]
-
-            def run() -> None:
-                for i in range(n_req):
-                    peft.swap(i % 2 if alternate else 0)
-                    peft.forward(torch.stack(reqs[i]))
-            return run
+        streams, pefts = switch_streams(e, self.backbone, hs, reqs, self.device, self.dtype)
 
         # a full model (backbone + adapters) loaded from disk per switch (one instance per stream)
         fulls = {alt: FullModelPerTask(self, hs[:2]) for alt in (False, True)}
@@ -195,8 +210,7 @@ class Bench:
             return run
 
         self.log("(a) switching: engine, PEFT-style copy, full model per task")
-        t = self.interleaved({"one": stream(lambda i: 0), "alt": stream(lambda i: i % 2),
-                              "peft_one": peft_stream(False), "peft_alt": peft_stream(True)}, rounds)
+        t = self.interleaved(streams, rounds)
         full_rounds = 3 if self.quick else 4
         tf = self.interleaved({"full_one": full_stream(False), "full_alt": full_stream(True)}, full_rounds)
         thr = lambda secs, r: n_req * per_req / secs  # noqa: E731

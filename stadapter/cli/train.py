@@ -121,7 +121,7 @@ def train(
                                          "num_train": len(tr.samples)}},
                          register=register, registry=db, data=str(train_annotations))
     for line in outcome_lines(task, r.adapter.method, outcome):
-        console.print(line, highlight=False)
+        console.print(line, highlight=False, soft_wrap=True, markup=False)
 
 
 @user_errors

@@ -93,7 +93,7 @@ def export_task(bundle: Bundle, backbone: Backbone, path: Path, fmt: str, ref: s
     path = Path(path)
     side = path.with_name(path.name + ".json")
     for p in (path, side):
-        if p.exists():
+        if os.path.lexists(p):  # a symlink too, even one pointing nowhere
             raise InputError(f"{p} already exists; remove it or pick another path")
     if not path.parent.is_dir():
         raise InputError(f"directory {path.parent} does not exist")
@@ -123,7 +123,11 @@ def export_task(bundle: Bundle, backbone: Backbone, path: Path, fmt: str, ref: s
                              f"(tolerance {TOLERANCE:g}); nothing was written")
         side_tmp.write_text(json.dumps(sidecar(bundle, backbone, fmt, ref), indent=1, ensure_ascii=False) + "\n")
         os.replace(side_tmp, side)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            side.unlink(missing_ok=True)  # no sidecar without its model
+            raise
     finally:
         tmp.unlink(missing_ok=True)
         side_tmp.unlink(missing_ok=True)

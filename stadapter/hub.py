@@ -59,8 +59,8 @@ DEFAULT_TIMEOUT = 30.0
 MAX_ATTEMPTS = 4
 BACKOFF_S = 0.5
 IGNORED_REMOTE = frozenset({".gitattributes"})  # git metadata every Hub repo has; never part of a bundle
-REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
-SHA_RE = re.compile(r"^[0-9a-f]{40}$")
+REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}\Z")
+SHA_RE = re.compile(r"^[0-9a-f]{40}\Z")
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _TRUE = ("1", "true", "yes", "on")
 
@@ -693,19 +693,22 @@ def _copy_verified(path: Path, name: str, entry: dict[str, Any], staging: Path, 
 
 def fetch_files(repo: str, commit: str, names: list[str], *, endpoint: str | None = None,
                 token: str | None = None, cache_dir: str | Path | None = None,
-                timeout: float = DEFAULT_TIMEOUT) -> dict[str, Path]:
+                timeout: float = DEFAULT_TIMEOUT, sizes: dict[str, int] | None = None) -> dict[str, Path]:
     """Download the files ``names`` of ``repo`` at exactly ``commit`` (a full sha) into the Hub cache, with the
     same transport, retries and errors as :func:`pull`, and return ``{name: cached file}`` (the cache's snapshot
     links) for those the commit holds; the others are left out. Nothing is verified here: the caller checks
     every file against the sha256 it expects (``stadapter.registry.remote`` against a registry row's), and must
-    :func:`forget` one that does not match. With HF_HUB_OFFLINE=1 only the local cache is read."""
+    :func:`forget` one that does not match. With ``sizes``, a file the commit lists at another size is left
+    out, never downloaded. With HF_HUB_OFFLINE=1 only the local cache is read."""
     check_repo_id(repo)
     if not SHA_RE.match(commit):
         raise HubError(f"fetch from {repo}: commit must be a full 40-character sha, got {commit!r}")
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     offline = is_offline()
     hub = _Hub(endpoint, token, timeout)
-    present = set(names) if offline else set(hub.snapshot(repo, commit)[1])
+    listed = {} if offline else hub.snapshot(repo, commit, files_metadata=sizes is not None)[1]
+    present = set(names) if offline else {n for n, s in listed.items()
+                                          if sizes is None or n not in sizes or s.size in (None, sizes[n])}
     return {name: hub.download(repo, name, commit, cache, offline) for name in names if name in present}
 
 

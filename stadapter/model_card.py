@@ -30,6 +30,7 @@ import yaml
 
 from stadapter import __version__
 from stadapter.bundle import FORMAT_VERSION, Bundle
+from stadapter.model.weights_index import LOCAL_PREFIX
 
 BASE_TAGS = ["stadapter", "st-adapter", "video-classification", "action-recognition"]
 
@@ -78,8 +79,8 @@ def public_weights(weights: Any) -> str | None:
     if weights is None:
         return None
     text = str(weights)
-    if text.startswith("file:"):
-        text = text[len("file:"):]
+    if text.startswith(LOCAL_PREFIX):
+        text = text[len(LOCAL_PREFIX):]
     elif not _is_path(text):
         return text
     return f"local file {_file_name(text)}"

@@ -391,3 +391,26 @@ def test_cpu_bf16_without_native_bf16_warns_on_the_console(tmp_path):
     assert proc.returncode == 0, proc.stderr
     said = " ".join(proc.stderr.split())
     assert "warning: --cpu-bf16: this CPU reports neither AVX512-BF16 nor AMX" in said
+
+
+def test_the_weights_index_is_rewritten_only_when_it_changes(tmp_path, monkeypatch):
+    from stadapter.model import weights_index
+
+    monkeypatch.setenv("STADAPTER_HOME", str(tmp_path / "home"))
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    a.write_bytes(b"a")
+    b.write_bytes(b"b")
+    weights_index.remember("sha256:aa", a)
+    index = weights_index.index_path()
+    os.utime(index, ns=(0, 0))  # a rewrite (a new file renamed over it) would carry the current time
+    weights_index.remember("sha256:aa", a)  # every process that loads the weights says so: no rewrite
+    assert index.stat().st_mtime_ns == 0
+    weights_index.remember("sha256:bb", b)
+    os.utime(index, ns=(0, 0))
+    weights_index.remember("sha256:aa", a)  # a changes place in the order (the latest last): rewritten
+    assert index.stat().st_mtime_ns > 0 and list(json.loads(index.read_text())) == ["sha256:bb", "sha256:aa"]
+    assert weights_index.lookup("sha256:bb") == b and weights_index.lookup(None, "a.safetensors") == a
+    index.write_text("[not an index")  # unreadable: ignored, then rewritten
+    assert weights_index.lookup("sha256:aa") is None
+    weights_index.remember("sha256:aa", a)
+    assert weights_index.lookup("sha256:aa") == a

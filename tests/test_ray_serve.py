@@ -190,9 +190,12 @@ def test_a_killed_replica_loses_no_request_and_is_replaced(cluster):
 
     with ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(one, i) for i in range(48)]
-        time.sleep(0.3)
+        while not any(f.done() for f in futures):  # serving has begun: kill while the rest are in flight
+            time.sleep(0.005)
         os.kill(victim, signal.SIGKILL)
+        in_flight = sum(not f.done() for f in futures)
         answers = [f.result() for f in futures]
+    assert in_flight >= 8, in_flight  # the kill met requests in flight (else this test checked nothing)
     assert None not in answers
     codes = [r.status_code for r in answers]
     assert set(codes) <= {200, 503}, codes

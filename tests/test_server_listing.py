@@ -77,10 +77,12 @@ def test_cached_for_the_alias_ttl_then_fresh(served):
         again = c.get("/v1/tasks", params={"limit": 5}).json()
     assert first == again and len(sent) == 1  # the second answer came from the cache
     reg.set_alias("walk01", "production", 1)
+    reg.register(reg.materialize(reg.resolve("walk02")), task="also")  # a new task, on the first page by name
     assert c.get("/v1/tasks", params={"limit": 5}).json() == first  # within the TTL
     clock.now += 5.1
     fresh = {t["task"]: t for t in c.get("/v1/tasks", params={"limit": 5}).json()["tasks"]}
     assert fresh["walk01"]["aliases"] == {"production": 1}
+    assert list(fresh) == ["alien", "also", "walk00", "walk01", "walk02"] and fresh["also"]["servable"] is True
 
 
 def test_bad_parameters_are_client_errors(served):

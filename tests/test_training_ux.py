@@ -289,7 +289,10 @@ def test_list_labels_with_spaces_on_real_clips(tmp_path):
     clips = ClipSource(ann.samples, TaskSpec(num_frames=2), (32, 32), (0.5,) * 3, (0.5,) * 3).dataset(train=False)
     assert all(clips[i][0].shape[-1] == 32 for i in range(len(ann.samples)))  # every clip decodes
     for line, problem in ((f"{videos / 'R6llTwEh07w.mp4'}", "expected 'path label'"),
-                          ("clips/a.mp4\tb\tc", "with one tab")):
+                          ("clips/a.mp4\tb\tc", "with one tab"),
+                          ("clips/my clip 3", "separate them with a tab"),  # ambiguous: no video extension
+                          ("clips/my clip.mp4", "ends with a video file name, not a label"),  # no label
+                          ("clips/a.mts riding a segway", "cannot tell the path from the label")):
         listing.write_text(f"{videos / 'R6llTwEh07w.mp4'} riding a segway\n\n{line}\n")
         with pytest.raises(AnnotationError, match=re.escape(f"{listing}:3: ") + ".*" + re.escape(problem)):
             load_annotations(listing)
@@ -338,3 +341,27 @@ def test_adapter_width_defaults_to_half_the_backbone(tiny_backbone):
     assert resolve_recipe("k400", None).for_backbone(vit_s.dim).adapter.width == 384  # the paper preset: r=384
     assert resolve_recipe("k400", None).for_backbone(768).adapter.width == 384
     assert resolve_recipe("mine", None, adapter={"width": 16}).for_backbone(384).adapter.width == 16
+
+
+def test_overwrite_deletes_only_what_the_run_wrote(tmp_path):
+    from stadapter.training.rundir import prepare_run_dir
+
+    out = tmp_path / "out"
+    (out / "tensorboard").mkdir(parents=True)
+    (out / "checkpoint.pt").write_bytes(b"ckpt")
+    (out / "tensorboard" / "events.out.tfevents.1.host").write_bytes(b"ev")
+    (out / "tensorboard" / "notes.txt").write_text("mine")  # the user's, beside our event files
+    (out / "bundle").mkdir()
+    (out / "bundle" / "holiday.mp4").write_bytes(b"not a bundle")  # a folder that merely has the name
+    (out / "data.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="bundle is not a bundle"):
+        prepare_run_dir(out, resume=False, overwrite=True)
+    assert (out / "checkpoint.pt").is_file()  # refused before anything was deleted
+    (out / "bundle" / "holiday.mp4").rename(out / "holiday.mp4")
+    (out / "bundle" / "manifest.json").write_text("{}")
+    prepare_run_dir(out, resume=False, overwrite=True)
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
+        "data.txt", "holiday.mp4", "tensorboard", "tensorboard/notes.txt"]
+    (out / "checkpoint.pt").mkdir()
+    with pytest.raises(ConfigError, match="is a folder, not the run's file"):
+        prepare_run_dir(out, resume=False, overwrite=True)

@@ -90,6 +90,7 @@ def print_tables(results: list[dict[str, Any]]) -> None:
         table.add_column("probability", justify="right")
         for t in r["tasks"]:
             for rank, item in enumerate(t["top"], 1):
-                table.add_row(f"{t['version']} ({t['views']} view{'s' if t['views'] != 1 else ''})" if rank == 1 else "", str(rank),
-                              item["label"], f"{item['prob']:.4f}")
+                views = f"{t['views']} view{'s' if t['views'] != 1 else ''}"
+                table.add_row(f"{t['version']} ({views})" if rank == 1 else "", str(rank), item["label"],
+                              f"{item['prob']:.4f}")
         console.print(table)

@@ -133,7 +133,8 @@ def _metrics(metrics: dict[str, Any] | None) -> str:
 
 @user_errors
 def ls(task: Annotated[str | None, typer.Argument(help="List this task's versions.", show_default=False)] = None,
-       limit: Annotated[int, typer.Option("--limit", min=1, max=1000, help="Tasks per page.")] = 100,
+       limit: Annotated[int, typer.Option("--limit", help="Tasks per page (the registry refuses a page over "
+                                                                "its maximum, with the range).")] = 100,
        after: Annotated[str | None, typer.Option(
            "--after", show_default=False, help="Start after this task name (the previous page's last; --json "
                                                "prints it as next_after).")] = None,
@@ -165,7 +166,9 @@ def ls(task: Annotated[str | None, typer.Argument(help="List this task's version
             console.print(table if tasks else ("no tasks match" if filtered else "no tasks registered yet"),
                           highlight=False)
             if page.next_after is not None:
-                console.print(f"more tasks follow: stadapter ls --after {page.next_after}", highlight=False)
+                same = "".join(f" --{k} {v}" for k, v in (("prefix", prefix), ("alias", alias), ("tag", tag)) if v)
+                more = f"stadapter ls --after {page.next_after}" + (f" --limit {limit}" if limit != 100 else "") + same
+                console.print(f"more tasks follow: {more}", highlight=False, markup=False)
             return
         versions = reg.list_versions(task)
     if as_json:

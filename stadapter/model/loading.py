@@ -24,11 +24,11 @@ import torch
 from stadapter.errors import BackboneError
 from stadapter.model import weights_index
 from stadapter.model.backbone import Backbone, BackboneSpec, TimmBackbone, build_architecture, build_open_clip
+from stadapter.model.weights_index import LOCAL_PREFIX
 
 RANDOM_INIT_SEED = 0  # weights "none" are reproducible, so their fingerprint pins bundles across processes
 DEFAULT_WEIGHTS = {"open_clip": "openai", "timm": "pretrained"}
 PROBE_TIMEOUT_S = 3.0
-LOCAL_PREFIX = "file:"  # weights loaded from a local file, as bundles name them: file:NAME (no directory)
 
 
 def load_backbone(spec: str | BackboneSpec, weights: str | None = None, fingerprint: str | None = None) -> Backbone:
@@ -51,6 +51,10 @@ def load_backbone(spec: str | BackboneSpec, weights: str | None = None, fingerpr
     elif is_local(weights):
         path = locate_weights(spec, weights, fingerprint)
         backbone = _from_file(spec, path)
+        if fingerprint is not None and path != Path(weights).expanduser() and backbone.fingerprint() != fingerprint:
+            raise BackboneError(f"{path}, which {weights_index.index_path()} lists for {weights}, now holds weights "
+                                f"of fingerprint {backbone.fingerprint()}, not {fingerprint}: pass --weights PATH "
+                                f"to the right file")
         weights = LOCAL_PREFIX + path.name
         weights_index.remember(backbone.fingerprint(), path)
     else:

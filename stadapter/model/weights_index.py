@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+LOCAL_PREFIX = "file:"  # weights loaded from a local file, as bundles name them: file:NAME (no directory)
+
 INDEX_FILE = "weights.json"
 MAX_BYTES = 1 << 20
 MAX_ENTRIES = 256
@@ -31,7 +33,7 @@ def _read(path: Path) -> dict[str, dict[str, str]]:
         if not path.is_file() or path.stat().st_size > MAX_BYTES:
             return {}
         data: Any = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested too deep
         return {}
     if not isinstance(data, dict):
         return {}
@@ -40,13 +42,19 @@ def _read(path: Path) -> dict[str, dict[str, str]]:
 
 
 def remember(fingerprint: str, path: Path) -> None:
-    """Record that weights with ``fingerprint`` were loaded from ``path`` (the most recent entry last)."""
+    """Record that weights with ``fingerprint`` were loaded from ``path`` (the most recent entry last). Nothing is
+    written when that is already the latest entry: every process that loads the weights calls this, and a
+    rewrite each time would cost a write and fsync per process and widen the window in which two processes
+    recording different files lose one entry (the last writer wins)."""
     from stadapter.fsio import publish_file
 
     where = index_path()
     entries = _read(where)
+    entry = {"path": str(path.resolve()), "name": path.name}
+    if entries and list(entries)[-1] == fingerprint and entries[fingerprint] == entry:
+        return
     entries.pop(fingerprint, None)
-    entries[fingerprint] = {"path": str(path.resolve()), "name": path.name}
+    entries[fingerprint] = entry
     text = json.dumps(dict(list(entries.items())[-MAX_ENTRIES:]), indent=1).encode()
     try:
         where.parent.mkdir(parents=True, exist_ok=True)

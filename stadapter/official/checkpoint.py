@@ -30,6 +30,7 @@ _ADAPTER_KEY = re.compile(r"transformer\.resblocks\.(\d{1,4})\.(adapter_pre_attn
                           r"(fc1|conv|fc2)\.(weight|bias)")
 HEAD_KEYS = {"fc.weight": "head.weight", "fc.bias": "head.bias"}
 MAX_CHECKPOINT_BYTES = 4 << 30  # the official files are ~300 MB with the optimizer state
+MAX_KEY_CHARS = 200  # official keys are under 60 characters
 
 
 @dataclass(frozen=True)
@@ -81,11 +82,21 @@ def read_checkpoint(path: Path) -> dict[str, Tensor]:
     if not isinstance(data, dict) or not data:
         raise InputError(f"checkpoint {path} holds no state dict (expected the training dict with 'model', or "
                          f"a dict of tensors)")
+    declared = 0
     for key, value in data.items():
         if not isinstance(key, str):
             raise InputError(f"checkpoint {path}: key {key!r} is not a string")
+        if not key.isprintable() or len(key) > MAX_KEY_CHARS:
+            raise InputError(f"checkpoint {path}: key {key[:MAX_KEY_CHARS]!r} is not an official key")
         if not isinstance(value, Tensor):
             raise InputError(f"checkpoint {path}: {key} is a {type(value).__name__}, not a tensor")
+        if value.layout != torch.strided or value.device.type != "cpu":
+            raise InputError(f"checkpoint {path}: {key} is a {value.layout} tensor on {value.device}, not a dense "
+                             f"tensor of stored values")
+        declared += value.numel() * value.element_size()
+    if declared > path.stat().st_size:  # a stride-0 (expanded) tensor declares more values than the file holds
+        raise InputError(f"checkpoint {path}: its tensors declare {declared:,} bytes of values, more than the "
+                         f"file's {path.stat().st_size:,} bytes")
     return data
 
 
@@ -96,6 +107,9 @@ def _load_error(e: BaseException) -> str:
         rest = text.split("WeightsUnpickler error:", 1)[1].strip()
         first = rest.splitlines()[0].strip() if rest else ""
         return first.split(" was not an allowed global")[0].replace("GLOBAL ", "") or "not a tensor file"
+    if text.startswith("Weights only load failed"):  # the reason sits in the paragraph after torch's advice
+        lines = [ln.strip() for ln in text.split("\n\n")[1:] if ln.strip()]
+        return (lines[0].splitlines()[0] if lines else "not a tensor file").replace("GLOBAL ", "")
     first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
     return first[:300]
 
@@ -155,9 +169,10 @@ def to_adapter_set(state: dict[str, Tensor], layout: OfficialLayout) -> dict[str
             raise AdapterSetError(f"{key} has shape {tuple(t.shape)}, expected {shape} (layout {layout.describe()})")
         if not t.is_floating_point():
             raise AdapterSetError(f"{key} is {t.dtype}, not a floating-point tensor")
-        if not bool(torch.isfinite(t).all()):
+        value = t.detach().to(torch.float32).contiguous()  # isfinite has no float8 kernel: check the copy
+        if not bool(torch.isfinite(value).all()):
             raise AdapterSetError(f"{key} holds NaN or infinite values")
-        out[rename(key)] = t.detach().to(torch.float32).contiguous()
+        out[rename(key)] = value
     return out
 
 

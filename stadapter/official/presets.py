@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from stadapter.bundle.config import MAX_LABEL_CHARS
 from stadapter.errors import InputError
 
 REPOSITORY = "https://github.com/linziyi96/st-adapter"
@@ -73,7 +74,7 @@ def read_label_file(path: Path, num_classes: int) -> list[str]:
     if path.stat().st_size > MAX_LABEL_FILE_BYTES:
         raise InputError(f"label file {path} is over {MAX_LABEL_FILE_BYTES >> 20} MiB")
     try:
-        lines = path.read_text("utf-8").splitlines()
+        lines = path.read_text("utf-8-sig").split("\n")  # a BOM is not part of the first name
     except UnicodeDecodeError as e:
         raise InputError(f"label file {path} is not UTF-8 text: {e.reason} at byte {e.start}") from e
     while lines and not lines[-1].strip():
@@ -83,6 +84,9 @@ def read_label_file(path: Path, num_classes: int) -> list[str]:
         name = line.strip()
         if not name:
             raise InputError(f"label file {path}: line {n} is empty")
+        if len(name) > MAX_LABEL_CHARS or not name.isprintable():
+            raise InputError(f"label file {path}: line {n} is not a class name (1 to {MAX_LABEL_CHARS} printable "
+                             f"characters)")
         if name in seen:
             raise InputError(f"label file {path}: line {n} repeats {name!r} (line {seen[name]})")
         seen[name] = n

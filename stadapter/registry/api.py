@@ -44,7 +44,7 @@ from stadapter.registry.store import BlobStore, remove_tree
 if TYPE_CHECKING:
     from stadapter.bundle import Bundle
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}\Z")
 PRODUCTION = "production"
 TASKS_NAMED = 20  # an unknown task's error names this many known tasks (a registry may hold thousands)
 SCHEMA_ERROR_RE = re.compile(r"no such (table|column)|has no column named", re.IGNORECASE)

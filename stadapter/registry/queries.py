@@ -26,7 +26,7 @@ TAGS = cast(Table, Tag.__table__)
 BACKBONES = cast(Table, Backbone.__table__)
 PRODUCTION = "production"
 MAX_PAGE = 1000
-PREFIX_RE = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
+PREFIX_RE = re.compile(r"^[A-Za-z0-9._-]{1,100}\Z")
 # Task names use only these ASCII characters, all below DEL: every name starting with P sorts in [P, P + DEL).
 ABOVE_NAME_CHARS = "\x7f"
 
@@ -125,9 +125,10 @@ class Filters:
     def __post_init__(self) -> None:
         for what, value in (("after", self.after), ("prefix", self.prefix), ("alias", self.alias)):
             if value is not None and not PREFIX_RE.match(value):
-                raise RegistryError(f"invalid {what} {value!r}: use 1-100 letters, digits, '.', '_' or '-'")
+                raise RegistryError(f"invalid {what} {value[:120]!r}: use 1-100 letters, digits, '.', '_' or '-'")
         if self.tag is not None and not (isinstance(self.tag, str) and 0 < len(self.tag.partition("=")[0]) <= 200):
-            raise RegistryError(f"invalid tag filter {self.tag!r}: use KEY or KEY=VALUE (key 1-200 characters)")
+            raise RegistryError(f"invalid tag filter {str(self.tag)[:220]!r}: use KEY or KEY=VALUE (key 1-200 "
+                                f"characters)")
 
 
 def check_limit(limit: int | None) -> int | None:

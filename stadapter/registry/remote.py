@@ -89,13 +89,16 @@ class SharedStore:
                                 f"{_one_line(e)}") from None
         return True
 
-    def download(self, sha256: str, out: BinaryIO) -> str:
-        """Copy the blob into ``out``; returns the sha256 of what was read (the caller compares)."""
+    def download(self, sha256: str, out: BinaryIO, size: int) -> str:
+        """Copy the blob into ``out``, at most ``size`` + 1 bytes (a blob swapped for a larger one after
+        :meth:`has` never fills the disk); returns the sha256 of what was read (the caller compares)."""
         digest = hashlib.sha256()
+        left = size + 1
         with self.fs.open(self.path(sha256), "rb") as f:
-            while chunk := f.read(CHUNK):
+            while left > 0 and (chunk := f.read(min(CHUNK, left))):
                 digest.update(chunk)
                 out.write(chunk)
+                left -= len(chunk)
         return digest.hexdigest()
 
 
@@ -208,7 +211,7 @@ def _from_shared(registry: Registry, info: VersionInfo, missing: dict[str, dict[
             continue
         try:
             _adopt(registry.blobs, info, name, entry, f"the shared store {store.url}",
-                   functools.partial(_download, store, sha))
+                   functools.partial(_download, store, sha, int(entry["size"])))
         except Exception as e:  # any backend's failure is one line
             if isinstance(e, BundleError):
                 raise
@@ -228,7 +231,8 @@ def _from_hub(registry: Registry, info: VersionInfo, missing: dict[str, dict[str
     repo, commit = str(info.hub_repo), str(info.hub_commit)
     where = f"Hub {repo}@{commit[:12]}"
     try:
-        paths = hub.fetch_files(repo, commit, sorted(missing))
+        paths = hub.fetch_files(repo, commit, sorted(missing),
+                                sizes={n: int(e["size"]) for n, e in missing.items()})
     except HubError as e:
         tried.append(f"the {where} ({e})")
         return 0
@@ -305,8 +309,8 @@ def _matches(path: Path, entry: dict[str, Any]) -> bool:
     return path.is_file() and path.stat().st_size == int(entry["size"]) and sha256_file(path) == entry["sha256"]
 
 
-def _download(store: SharedStore, sha256: str, out: BinaryIO) -> str:
-    return store.download(sha256, out)
+def _download(store: SharedStore, sha256: str, size: int, out: BinaryIO) -> str:
+    return store.download(sha256, out, size)
 
 
 def _copy(path: Path, out: BinaryIO) -> str:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from stadapter.bundle import parse_config
 from stadapter.config import AdapterConfig, TaskSpec
 from stadapter.errors import InputError, RegistryError, StadapterError
-from stadapter.registry.queries import Filters, check_limit
+from stadapter.registry.queries import MAX_PAGE, Filters, check_limit
 
 if TYPE_CHECKING:
     from stadapter.registry import TaskInfo
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 DEFAULT_TTL_S = 2.0  # when the engine has no alias TTL (aliases never re-resolved), listings still refresh
 CACHED_PAGES = 256  # distinct (limit, after, filters) pages kept; clients choose the keys, so it is bounded
 DEFAULT_LIMIT = 100
-MAX_LIMIT = 1000
+MAX_LIMIT = MAX_PAGE  # the registry's page cap (queries.check_limit), the one bound
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from stadapter.bundle import Bundle
+from stadapter.bundle import Bundle, check_labels
 from stadapter.config import AdapterConfig
 from stadapter.errors import ConfigError
 from stadapter.model.backbone import Backbone
@@ -153,6 +153,7 @@ def train_task(task: str, recipe: Recipe, samples_train: list[Sample], labels: l
     check_name(task, "task")
     if not samples_train:
         raise ConfigError("the training set is empty")
+    check_labels(list(labels), len(labels), f"task {task!r}")  # the bundle's rule, before any training
     check_log_to(log_to)
     device = _requested_device(device)
     dev = D.device_for(device, 0)

@@ -248,6 +248,7 @@ def run_training(job: TrainJob, model: VideoViT, info: D.DistInfo, resume: bool 
     if resume and step >= sched.total:
         return TrainResult(_final(module), None, step, 0.0, 0, finished_before=True)
     workers = 0 if job.train_source.cache is not None else cfg.num_workers
+    threads_before = torch.get_num_threads()  # restored at the end: a library caller keeps its own setting
     threads = set_main_threads(workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if info.is_main:
         for line in plan_lines(job, sched, n_train, threads, workers):
@@ -291,6 +292,7 @@ def run_training(job: TrainJob, model: VideoViT, info: D.DistInfo, resume: bool 
                 del it, loader
     finally:
         bar.close()
+        torch.set_num_threads(threads_before)
     return TrainResult(_final(module), metrics, step, time.monotonic() - start, skips.skipped)
 
 

@@ -6,14 +6,17 @@
     OUT/bundle/           the trained bundle (with curves.png and, after a validation, confusion.png)
 
 A folder that holds a run is refused unless the run is resumed (``--resume``) or started again
-(``--overwrite``, which deletes the run's own files above and nothing else).
+(``--overwrite``, which deletes the run's own files above and nothing else: in ``tensorboard/`` only the event
+files, ``bundle/`` only when it holds a bundle).
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 
+from stadapter.bundle.format import MANIFEST
 from stadapter.errors import ConfigError
 
 CHECKPOINT = "checkpoint.pt"
@@ -22,6 +25,7 @@ BUNDLE_DIR = "bundle"
 TENSORBOARD_DIR = "tensorboard"
 CURVES = "curves.png"
 CONFUSION = "confusion.png"
+EVENTS_PREFIX = "events.out.tfevents."  # the event files torch.utils.tensorboard writes
 RUN_FILES = (CHECKPOINT, METRICS_LOG, BUNDLE_DIR, TENSORBOARD_DIR, CURVES)
 
 
@@ -42,12 +46,39 @@ def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool, delete: bool = 
         raise ConfigError(f"{out} already holds a training run ({', '.join(found)}); pass --resume to continue it "
                           f"or --overwrite to start it again, or choose another --out")
     if overwrite and delete:
-        for name in RUN_FILES:
-            path = out / name
+        for path in _run_paths(out):  # all checked before anything is deleted
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
-            elif path.exists() or path.is_symlink():
+            else:
                 path.unlink()
+        with contextlib.suppress(OSError):
+            (out / TENSORBOARD_DIR).rmdir()  # when only our event files were in it
+
+
+def _run_paths(out: Path) -> list[Path]:
+    """What ``--overwrite`` deletes: the run's files (regular files or links), its bundle folder (one holding a
+    bundle's manifest) and the TensorBoard event files in ``OUT/tensorboard`` (nothing else there). A path of
+    the wrong kind (a folder named checkpoint.pt, a bundle folder that holds no bundle) is refused, so that
+    --overwrite never deletes what the run did not write."""
+    paths = []
+    for name in (CHECKPOINT, METRICS_LOG, CURVES):
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            raise ConfigError(f"--overwrite: {path} is a folder, not the run's file; move it or choose another --out")
+        if path.exists() or path.is_symlink():
+            paths.append(path)
+    bundle = out / BUNDLE_DIR
+    if bundle.is_symlink():
+        paths.append(bundle)  # the link only, never what it points to
+    elif bundle.exists():
+        if not (bundle / MANIFEST).is_file():
+            raise ConfigError(f"--overwrite: {bundle} is not a bundle (no {MANIFEST}); move it or choose another "
+                              f"--out")
+        paths.append(bundle)
+    board = out / TENSORBOARD_DIR
+    if board.is_dir() and not board.is_symlink():
+        paths += [p for p in board.iterdir() if p.name.startswith(EVENTS_PREFIX) and p.is_file()]
+    return paths
 
 
 __all__ = ["BUNDLE_DIR", "CHECKPOINT", "CONFUSION", "CURVES", "METRICS_LOG", "RUN_FILES", "TENSORBOARD_DIR",

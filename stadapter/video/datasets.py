@@ -128,10 +128,11 @@ def _resolve(root: Path, rel: str) -> Path:
 
 def _lines(path: Path) -> list[tuple[int, str]]:
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        text = path.read_text(encoding="utf-8-sig", errors="replace")  # a BOM is not part of the first line
     except OSError as e:
         raise AnnotationError(f"{path}: cannot read ({e.strerror or e})") from e
-    return [(n, ln.strip()) for n, ln in enumerate(text.splitlines(), 1) if ln.strip() and not ln.startswith("#")]
+    # tabs kept at the ends: 'my clip.mp4<TAB>' is a path with no label, not the path 'my' (split_list_line)
+    return [(n, ln.strip(" ")) for n, ln in enumerate(text.splitlines(), 1) if ln.strip() and not ln.startswith("#")]
 
 
 # ---------------------------------------------------------------------------------------------- formats
@@ -146,8 +147,10 @@ def split_list_line(line: str, where: str) -> tuple[str, str]:
     With a tab, the path is what comes before the first tab and the label what comes after. Without one, the
     path runs through the last whitespace-separated word that ends in a video file extension (VIDEO_SUFFIXES; so
     ``my clip.mp4 riding a segway`` is the path ``my clip.mp4`` and the label ``riding a segway``), or is the
-    first word when none does; the label is the rest. Runs of blanks in a label count as one space.
-    AnnotationError naming ``where`` (FILE:LINE) for a line with no label or with a second tab."""
+    first word of a two-word line when none does; the label is the rest. Runs of blanks in a label count as one
+    space. AnnotationError naming ``where`` (FILE:LINE) for a line with no label (or whose last word ends in a
+    video file extension: ``my clip.mp4``), with a second tab, or of more than two words none of which (before
+    the last) ends in a video file extension (ambiguous: a tab is needed)."""
     if "\t" in line:
         path, _, label = (part.strip() for part in line.partition("\t"))
         if "\t" in label:
@@ -155,6 +158,12 @@ def split_list_line(line: str, where: str) -> tuple[str, str]:
     else:
         words = line.split()
         ends = [i for i, w in enumerate(words[:-1]) if w.lower().endswith(VIDEO_SUFFIXES)]
+        if words[-1].lower().endswith(VIDEO_SUFFIXES):  # 'my clip.mp4': a path with a space and no label
+            raise AnnotationError(f"{where}: expected 'path label' (or 'path<TAB>label'), got {line!r}: it ends "
+                                  f"with a video file name, not a label")
+        if not ends and len(words) > 2:  # 'my clip 3' or 'clip.mts riding a segway': no guess, a clear error
+            raise AnnotationError(f"{where}: cannot tell the path from the label in {line!r} (no word ends in a "
+                                  f"video file extension such as .mp4); separate them with a tab")
         cut = ends[-1] + 1 if ends else 1
         path = line[:_word_end(line, cut)].strip()
         label = " ".join(words[cut:])
@@ -186,7 +195,7 @@ def parse_list(path: Path, root: Path | None = None, classes: Sequence[str] | No
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
     try:
-        with path.open(newline="", encoding="utf-8") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # a BOM is not part of the first column
             return [{k.strip().lower(): (v or "").strip() for k, v in row.items() if k} for row in csv.DictReader(f)]
     except (OSError, csv.Error, UnicodeDecodeError) as e:
         raise AnnotationError(f"{path}: cannot read as CSV ({e})") from e

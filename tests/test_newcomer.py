@@ -102,7 +102,7 @@ def test_serve_without_preload_loads_the_backbone_the_registered_tasks_use_with_
 
 def test_serve_picks_the_backbone_most_registered_tasks_use(tmp_path, tiny_backbone):
     from stadapter.model.loading import load_backbone
-    from stadapter.runtime.engine import registered_backbone
+    from stadapter.runtime.engine import registered_backbone, tasks_on_other_backbones
 
     other = load_backbone("open_clip:ViT-B-16?image_size=32&patch_size=8&width=64&layers=2&head_width=16", "none")
     with open_registry(home=tmp_path / "home") as reg:
@@ -113,6 +113,9 @@ def test_serve_picks_the_backbone_most_registered_tasks_use(tmp_path, tiny_backb
             reg.register(make_bundle(tmp_path / name, tiny_backbone, task=name), source={"kind": "train"})
         chosen = registered_backbone(reg)
         assert chosen.backbone_fingerprint == tiny_backbone.fingerprint() and chosen.task == "b-tiny"
+        # what `serve` warns about: the tasks an engine on the chosen backbone answers 409
+        assert tasks_on_other_backbones(reg, tiny_backbone.fingerprint()) == ["a-other"]
+        assert tasks_on_other_backbones(reg, other.fingerprint()) == ["b-tiny", "c-tiny"]
 
 
 @pytest.mark.slow  # subprocesses (torch imports) or a short training run: 10 s idle, up to 120 s on 2 busy cores

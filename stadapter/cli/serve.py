@@ -99,7 +99,7 @@ def serve(
     """Serve every registered task on one backbone: POST /v1/predict, GET /v1/tasks, /healthz, /readyz,
     /metrics, OpenAPI docs at /docs."""
     from stadapter.registry import open_registry
-    from stadapter.runtime.engine import Engine
+    from stadapter.runtime.engine import Engine, tasks_on_other_backbones
     from stadapter.runtime.server import ServerConfig
     from stadapter.runtime.server import serve as run
 
@@ -129,7 +129,13 @@ def serve(
                          max_resident=max_resident, alias_ttl=alias_ttl, compile=compile_mode)
     d = engine.describe()
     console.print(f"stadapter serve: {d['backbone']} on {d['device_name']} ({d['dtype']}), "
-                  f"http://{host}:{port}/docs", highlight=False)
+                  f"http://{host}:{port}/docs", highlight=False, soft_wrap=True)
+    others = tasks_on_other_backbones(reg, engine.fingerprint)
+    if others:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        err_console.print(f"warning: {len(others)} registered task(s) were trained on another backbone and will "
+                          f"answer 409 here ({shown}); serve them with another `stadapter serve --preload TASK` "
+                          f"or `--backbone SPEC --weights FILE`", highlight=False, markup=False, soft_wrap=True)
     try:
         run(engine, config, host=host, port=port)
     finally:

@@ -90,6 +90,13 @@ def registered_backbone(registry: Registry) -> VersionInfo | None:
     return registry.resolve(next(t.name for t in served if counts[t.current_fingerprint] == max(counts.values())))
 
 
+def tasks_on_other_backbones(registry: Registry, fingerprint: str) -> list[str]:
+    """The tasks (among the first BACKBONE_SAMPLE by name) whose served version was trained on another backbone
+    than ``fingerprint``: an engine on this backbone answers them 409. One listing query."""
+    return [t.name for t in registry.list_page(limit=BACKBONE_SAMPLE).tasks
+            if t.current_fingerprint is not None and t.current_fingerprint != fingerprint]
+
+
 class Engine:
     """A frozen backbone on one device, a pool of adapter sets, and the mixed-task forward. See the module
     docstring. ``forward``/``predict`` are meant to be called from one thread (the one that owns the model);

@@ -145,67 +145,20 @@ async def call_asgi(app: Any, request: Forwarded) -> Answer:
 
 def first_task(content_type: str, body: bytes) -> str | None:
     """The first task a predict request names (its routing key), or None when it names none readably (the
-    replica then answers the error)."""
+    replica then answers the error). Parsed as the server parses it (:mod:`stadapter.runtime.uploads`)."""
+    from stadapter.runtime.httpguard import HTTPProblem
+    from stadapter.runtime.uploads import form_fields, parse_tasks
+
     value: Any = None
-    if content_type.startswith("application/json"):
-        try:
-            parsed = json.loads(body)
-        except (ValueError, RecursionError):
-            return None
-        value = parsed.get("tasks") if isinstance(parsed, dict) else None
-    elif content_type.startswith("multipart/form-data"):
-        value = _form_tasks(content_type, body)
-    items = [value] if isinstance(value, str) else value if isinstance(value, list) else []
-    for item in items:
-        if isinstance(item, str):
-            for part in item.split(","):
-                if part.strip():
-                    return part.strip()[:200]
-    return None
-
-
-def _form_tasks(content_type: str, body: bytes) -> list[str]:
-    """The ``tasks`` fields of a multipart body (file parts skipped unread)."""
-    from python_multipart.multipart import MultipartParser, parse_options_header
-
-    _, options = parse_options_header(content_type)
-    boundary = options.get(b"boundary")
-    if not boundary:
-        return []
-    found: list[str] = []
-    state: dict[str, Any] = {"name": b"", "field": b"", "value": b"", "headers": {}}
-
-    def header_field(data: bytes, start: int, end: int) -> None:
-        state["field"] += data[start:end]
-
-    def header_value(data: bytes, start: int, end: int) -> None:
-        state["headers"][state["field"].lower()] = state["headers"].get(state["field"].lower(), b"") + \
-            data[start:end]
-
-    def header_end() -> None:
-        state["field"] = b""
-
-    def part_begin() -> None:
-        state.update(headers={}, field=b"", value=b"")
-
-    def part_data(data: bytes, start: int, end: int) -> None:
-        disposition = state["headers"].get(b"content-disposition", b"")
-        if b'name="tasks"' in disposition and b"filename=" not in disposition and len(state["value"]) < 4096:
-            state["value"] += data[start:end]
-
-    def part_end() -> None:
-        if state["value"]:
-            found.append(state["value"].decode("utf-8", "replace"))
-
-    parser = MultipartParser(boundary, {"on_part_begin": part_begin, "on_part_data": part_data,
-                                        "on_part_end": part_end, "on_header_field": header_field,
-                                        "on_header_value": header_value, "on_header_end": header_end})
     try:
-        parser.write(body)
-        parser.finalize()
-    except Exception:  # noqa: BLE001 - a malformed body: the replica's parser answers it
-        return found
-    return found
+        if content_type.startswith("application/json"):
+            parsed = json.loads(body)
+            value = parsed.get("tasks") if isinstance(parsed, dict) else None
+        elif content_type.startswith("multipart/form-data"):
+            value = form_fields(content_type, body, ("tasks",)).get("tasks")
+        return parse_tasks(value, limit=1 << 30)[0][:200]
+    except (ValueError, RecursionError, HTTPProblem):
+        return None
 
 
 def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Answer:

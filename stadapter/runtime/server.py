@@ -73,7 +73,7 @@ from stadapter.runtime.inputs import DecodeBusy, DecodePool, task_views
 from stadapter.runtime.listing import DEFAULT_LIMIT, MAX_LIMIT, TaskListing
 from stadapter.runtime.predict import task_results
 from stadapter.runtime.types import TaskHandle
-from stadapter.runtime.uploads import read_body, read_upload
+from stadapter.runtime.uploads import parse_tasks, read_body, read_upload
 from stadapter.video.decode import DEFAULT_LIMITS, DecodeLimits
 
 if TYPE_CHECKING:
@@ -294,21 +294,6 @@ def check_path(raw: object, allowed: Sequence[str | Path]) -> Path:
     if not real.is_file():
         raise HTTPProblem(404, f"no such clip: {raw}")
     return real
-
-
-def parse_tasks(value: Any, limit: int) -> list[str]:
-    if isinstance(value, str):
-        items = value.split(",")
-    elif isinstance(value, list) and all(isinstance(v, str) for v in value):
-        items = [part for v in value for part in v.split(",")]
-    else:
-        raise HTTPProblem(400, "tasks must be a string (comma-separated) or a list of strings")
-    refs = list(dict.fromkeys(t.strip() for t in items if t.strip()))
-    if not refs:
-        raise HTTPProblem(400, "no task given")
-    if len(refs) > limit:
-        raise HTTPProblem(400, f"at most {limit} tasks per request, got {len(refs)}")
-    return refs
 
 
 def parse_top_k(value: Any, default: int) -> int:

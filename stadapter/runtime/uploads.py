@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -72,6 +72,23 @@ def display_name(raw: str | None) -> str:
     if name in ("", ".", ".."):
         return "upload"
     return name if len(name) <= MAX_SHOWN_NAME else name[: MAX_SHOWN_NAME - 3] + "..."
+
+
+def parse_tasks(value: Any, limit: int) -> list[str]:
+    """The task refs a request names (a comma-separated string or a list of them; stripped, deduplicated, in
+    order); HTTPProblem 400 when there are none, too many, or the value has another type."""
+    if isinstance(value, str):
+        items = value.split(",")
+    elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+        items = [part for v in value for part in v.split(",")]
+    else:
+        raise HTTPProblem(400, "tasks must be a string (comma-separated) or a list of strings")
+    refs = list(dict.fromkeys(t.strip() for t in items if t.strip()))
+    if not refs:
+        raise HTTPProblem(400, "no task given")
+    if len(refs) > limit:
+        raise HTTPProblem(400, f"at most {limit} tasks per request, got {len(refs)}")
+    return refs
 
 
 @dataclass
@@ -170,6 +187,21 @@ def _boundary(content_type: str) -> bytes:
     return boundary
 
 
+def form_fields(content_type: str, body: bytes, wanted: Collection[str]) -> dict[str, list[str]]:
+    """The ``wanted`` text fields of a multipart body already in memory (the file part read and dropped);
+    HTTPProblem 400 for a malformed form, as :func:`read_upload`."""
+    form = _Form(wanted)
+    parser = MultipartParser(_boundary(content_type), form.callbacks())
+    try:
+        for start in range(0, len(body), FLUSH_BYTES):
+            parser.write(body[start:start + FLUSH_BYTES])
+            form.pending.clear()  # the clip's bytes are not wanted here
+        parser.finalize()
+    except MultipartParseError:
+        raise HTTPProblem(400, "the multipart/form-data body is malformed") from None
+    return form.fields
+
+
 async def read_upload(request: Request, limit: int, deadline: float, wanted: Collection[str]) -> Upload:
     """The clip (field ``clip``) and the ``wanted`` text fields of a multipart body, read as it streams under
     :func:`read_body`'s ``limit`` and ``deadline``. HTTPProblem 400 for a malformed form, DecodeError for an
@@ -206,4 +238,4 @@ async def read_upload(request: Request, limit: int, deadline: float, wanted: Col
         raise
 
 
-__all__ = ["Upload", "read_body", "read_upload", "display_name", "FILE_FIELD"]
+__all__ = ["Upload", "read_body", "read_upload", "display_name", "parse_tasks", "form_fields", "FILE_FIELD"]

@@ -177,15 +177,13 @@ def export_ref(ref: str, path: Path, fmt: str, *, registry: Any = None, weights:
     """Export the registry version ``ref`` (see :func:`export_task`); its backbone is built from the bundle's
     spec and weights (``weights`` overrides them, e.g. a local copy of a pretrained file)."""
     from stadapter.model.loading import load_backbone
-    from stadapter.registry import open_registry
+    from stadapter.registry import opened
     from stadapter.registry.api import parse_ref
 
     parse_ref(ref)
-    if registry is None or isinstance(registry, str):
-        with open_registry(registry) as reg:
-            info, bundle = reg.resolve(ref), reg.load_bundle(ref)
-    else:
-        info, bundle = registry.resolve(ref), registry.load_bundle(ref)
+    with opened(registry) as reg:
+        info = reg.resolve(ref)
+        bundle = reg.load_bundle(info)  # the version just resolved (an alias moved meanwhile changes nothing)
     bb = load_backbone(bundle.backbone["spec"], weights if weights is not None else bundle.backbone.get("weights"),
                        fingerprint=bundle.backbone.get("fingerprint"))
     return export_task(bundle, bb, path, fmt, ref=info.ref)

@@ -51,7 +51,7 @@ from stadapter.bundle.format import (
     verify_bundle,
     write_manifest,
 )
-from stadapter.bundle.tensors import check_tensors, nonfinite_tensors
+from stadapter.bundle.tensors import check_tensors
 from stadapter.bundle.validate import CheckedBundle, check_bundle
 from stadapter.fsio import sha256_file
 
@@ -72,5 +72,5 @@ __all__ = ["CARD", "CONFIG", "FORMAT_VERSION", "LABELS", "MANIFEST", "MAX_LABELS
            "PICKLE_SUFFIXES", "REQUIRED", "TENSORS", "Bundle", "BundleConfig", "CheckedBundle", "HeaderEntry",
            "SafetensorsHeader", "check_bundle", "check_content", "check_file_names", "check_format_version",
            "check_labels", "check_tensors", "default_card", "is_pickle", "load_manifest", "max_size",
-           "nonfinite_tensors", "parse_config", "parse_json", "parse_manifest", "read_config", "read_manifest",
+           "parse_config", "parse_json", "parse_manifest", "read_config", "read_manifest",
            "read_safetensors_header", "sha256_file", "unsafe_names", "verify_bundle", "write_manifest"]

@@ -121,11 +121,9 @@ def _backbone_info(bb: Backbone) -> dict[str, Any]:
 
 
 def _register(directory: Path, task: str, registry: Registry | str | None, source: dict[str, Any]) -> str:
-    if registry is not None and not isinstance(registry, str):
-        return registry.register(directory, task=task, source=source).ref
-    from stadapter.registry import open_registry
+    from stadapter.registry import opened
 
-    with open_registry(registry) as reg:
+    with opened(registry) as reg:
         return reg.register(directory, task=task, source=source).ref
 
 

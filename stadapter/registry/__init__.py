@@ -7,7 +7,7 @@ PostgreSQL for teams) plus a content-addressed blob store, with aliases, tags, l
     bundle = reg.load_bundle("ssv2@production")
 """
 
-from stadapter.registry.api import Registry, TaskInfo, VersionInfo, open_registry, parse_ref
+from stadapter.registry.api import Registry, TaskInfo, VersionInfo, open_registry, opened, parse_ref
 from stadapter.registry.db import default_home
 
-__all__ = ["Registry", "TaskInfo", "VersionInfo", "default_home", "open_registry", "parse_ref"]
+__all__ = ["Registry", "TaskInfo", "VersionInfo", "default_home", "open_registry", "opened", "parse_ref"]

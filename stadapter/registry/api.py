@@ -693,6 +693,17 @@ def open_registry(db: str | None = None, home: Path | None = None, *, upgrade: b
     return Registry(engine, home, target.url, dbm.store_dir(home, target.url))
 
 
+@contextlib.contextmanager
+def opened(registry: Registry | str | None) -> Iterator[Registry]:
+    """``registry`` itself when it is an open registry (left open); else the one at that database URL (None:
+    the default database), closed afterwards."""
+    if registry is not None and not isinstance(registry, str):
+        yield registry
+        return
+    with open_registry(registry) as reg:
+        yield reg
+
+
 # -- small helpers -----------------------------------------------------------------------------------------
 
 def _ensure(s: Session, model: type, key: dict[str, Any], values: dict[str, Any]) -> int:

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from stadapter.errors import BundleError, HubError, RegistryError
-from stadapter.registry.store import TMP_PREFIX, BlobStore
+from stadapter.fsio import copy_hashing
+from stadapter.registry.store import TMP_PREFIX, BlobStore, blob_key
 
 if TYPE_CHECKING:
     from stadapter.registry.api import Registry, VersionInfo
@@ -63,12 +64,12 @@ class SharedStore:
         return f"SharedStore({self.url!r})"
 
     def path(self, sha256: str) -> str:
-        BlobStore(Path(".")).path(sha256)  # the same digest check as the local store
-        return f"{self.root.rstrip('/')}/blobs/{sha256[:2]}/{sha256[2:]}"
+        return f"{self.root.rstrip('/')}/blobs/{blob_key(sha256)}"
 
     def has(self, sha256: str, size: int) -> bool:
+        path = self.path(sha256)
         try:
-            return bool(self.fs.exists(self.path(sha256))) and int(self.fs.size(self.path(sha256))) == size
+            return bool(self.fs.exists(path)) and int(self.fs.size(path)) == size
         except Exception as e:  # noqa: BLE001 - any backend's failure (credentials, network) is one line
             raise RegistryError(f"shared store {self.url}: {_one_line(e)}") from None
 
@@ -239,8 +240,9 @@ def _from_hub(registry: Registry, info: VersionInfo, missing: dict[str, dict[str
     got = 0
     for name, entry in sorted(missing.items()):
         path = paths.get(name)
-        if path is not None and _matches(path.resolve(), entry):
-            _adopt(registry.blobs, info, name, entry, where, functools.partial(_copy, path.resolve()))
+        blob = path.resolve() if path is not None else None
+        if blob is not None and BlobStore.check(blob, str(entry["sha256"]), int(entry["size"])):
+            _adopt(registry.blobs, info, name, entry, where, functools.partial(_copied, blob))
             del missing[name]
             got += 1
     # A push writes a model card and a manifest for its repo: rebuild the row's own from what was fetched.
@@ -302,24 +304,12 @@ def _card_candidates(registry: Registry, info: VersionInfo, needed: dict[str, di
     return None
 
 
-def _matches(path: Path, entry: dict[str, Any]) -> bool:
-    """Whether the file is the row's: its size first (a file of another size is never hashed), then sha256."""
-    from stadapter.fsio import sha256_file
-
-    return path.is_file() and path.stat().st_size == int(entry["size"]) and sha256_file(path) == entry["sha256"]
-
-
 def _download(store: SharedStore, sha256: str, size: int, out: BinaryIO) -> str:
     return store.download(sha256, out, size)
 
 
-def _copy(path: Path, out: BinaryIO) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-            out.write(chunk)
-    return digest.hexdigest()
+def _copied(source: Path, out: BinaryIO) -> str:
+    return copy_hashing(source, out)[0]
 
 
 def _write(data: bytes, out: BinaryIO) -> str:

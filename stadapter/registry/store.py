@@ -25,6 +25,14 @@ from stadapter.registry.db import file_lock
 TMP_PREFIX = ".tmp-"
 
 
+def blob_key(sha256: str) -> str:
+    """Where a blob lives below a store's root (``ab/cdef...``), in this store and in a shared one; BundleError
+    when ``sha256`` is not a lowercase hex digest."""
+    if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+        raise BundleError(f"not a sha256 digest: {sha256!r}")
+    return f"{sha256[:2]}/{sha256[2:]}"
+
+
 class BlobStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -34,9 +42,7 @@ class BlobStore:
         return self.root.resolve().as_uri()
 
     def path(self, sha256: str) -> Path:
-        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
-            raise BundleError(f"not a sha256 digest: {sha256!r}")
-        return self.root / sha256[:2] / sha256[2:]
+        return self.root / blob_key(sha256)
 
     # -- locking ---------------------------------------------------------------------------------------
     def using(self) -> contextlib.AbstractContextManager[None]:

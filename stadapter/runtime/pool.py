@@ -11,8 +11,7 @@ reads them by reference, so binding a resident set copies no tensor. Sets live i
 Loading from the store reads the safetensors file once: its header is parsed by the bundle format
 (``bundle.read_safetensors_header``, which checks every entry against the file's size) and every tensor is a view
 into one buffer. Its values are not scanned again: the registry checked them (finite, ``bundle.check_bundle``)
-when the bundle entered the store, whose blobs are named by their sha256 (``check_values=True`` scans them, for
-files from anywhere else). On the CPU that buffer is a
+when the bundle entered the store, whose blobs are named by their sha256. On the CPU that buffer is a
 copy-on-write memory map of the (read-only, content-addressed) store file with its pages mapped up front, so a
 resident set costs exactly its tensor bytes, loading copies nothing, and several processes serving the same set
 share one copy in the page cache; ``mmap=False`` reads into private memory instead. On CUDA the file goes through a
@@ -39,7 +38,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from stadapter.bundle import nonfinite_tensors, read_safetensors_header
+from stadapter.bundle import read_safetensors_header
 from stadapter.errors import BundleError
 from stadapter.model.video_vit import split_adapter_set
 
@@ -63,18 +62,10 @@ class TensorEntry:
     end: int
 
 
-def read_header(path: Path, check_values: bool = False) -> tuple[int, dict[str, TensorEntry]]:
+def read_header(path: Path) -> tuple[int, dict[str, TensorEntry]]:
     """(byte offset of the data region, {name: entry}) of a safetensors file, read by the bundle format's one
-    header reader (which checks every entry against the file's size). With ``check_values``, a file holding a
-    NaN or an infinity is refused too (the bundle module's check, read from a memory map)."""
+    header reader (which checks every entry against the file's size)."""
     header = read_safetensors_header(path)
-    if check_values:
-        try:
-            bad = nonfinite_tensors(path, header.data_offset, header.entries)
-        except OSError as err:
-            raise BundleError(f"{path}: cannot read ({err.strerror or err})") from None
-        if bad:
-            raise BundleError(f"{path}: tensor(s) {', '.join(bad[:4])} hold NaN or infinite values")
     entries = {}
     for name, e in header.entries.items():
         dtype = SAFETENSORS_DTYPES.get(e.dtype)
@@ -188,7 +179,7 @@ class AdapterPool:
 
     def __init__(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, *,
                  max_sets: int | None = 64, max_bytes: int | None = None, host_max_bytes: int | None = 8 << 30,
-                 mmap: bool | None = None, workers: int = 1, check_values: bool = False) -> None:
+                 mmap: bool | None = None, workers: int = 1) -> None:
         if max_sets is not None and max_sets < 1:
             raise ValueError(f"max_sets must be >= 1 or None, got {max_sets}")
         self.device = torch.device(device)
@@ -198,7 +189,6 @@ class AdapterPool:
         self.cuda = self.device.type == "cuda"
         self.host_max_bytes = host_max_bytes if self.cuda else 0
         self.mmap = (not self.cuda) if mmap is None else mmap
-        self.check_values = check_values
         self.stats = PoolStats()
         self._device: OrderedDict[Hashable, ResidentSet] = OrderedDict()
         self._host: OrderedDict[Hashable, tuple[Tensor, dict[str, TensorEntry], str]] = OrderedDict()
@@ -321,7 +311,7 @@ class AdapterPool:
 
     def _from_store(self, source: SetSource) -> ResidentSet:
         path = Path(source.locate())
-        offset, entries = read_header(path, check_values=self.check_values)
+        offset, entries = read_header(path)
         if self.cuda:
             raw = read_file(path, offset, pin=True)
             return self._to_device(source, raw, entries)

@@ -6,11 +6,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,7 +23,7 @@ from stadapter.model.backbone import Backbone
 from stadapter.model.loading import load_backbone
 from stadapter.model.video_vit import VideoViT, count_parameters
 from stadapter.recipes import PRESETS, Recipe, preset
-from stadapter.registry.api import check_name, parse_ref
+from stadapter.registry.api import check_name, opened, parse_ref
 from stadapter.training import dist as D
 from stadapter.training.data import ClipSource
 from stadapter.training.loop import TrainJob, TrainResult, run_training
@@ -117,19 +116,6 @@ def _requested_device(device: str | None) -> str | None:
     return None if device == "auto" else device
 
 
-@contextlib.contextmanager
-def _opened(registry: Registry | str | None) -> Iterator[Registry]:
-    """``registry`` itself when it is an open registry; else the one at that database URL (None: the default
-    database), closed afterwards."""
-    if registry is not None and not isinstance(registry, str):
-        yield registry
-        return
-    from stadapter.registry import open_registry
-
-    with open_registry(registry) as reg:
-        yield reg
-
-
 def train_task(task: str, recipe: Recipe, samples_train: list[Sample], labels: list[str],
                samples_val: list[Sample] | None, backbone: str, weights: str | None, out: Path,
                resume: bool = False, max_steps: int | None = None, device: str | None = None,
@@ -186,7 +172,7 @@ def train_task(task: str, recipe: Recipe, samples_train: list[Sample], labels: l
     finally:
         D.shutdown(info)
     if outcome.bundle_dir is not None and (register is True or (register is None and not outcome.finished_before)):
-        with _opened(registry) as reg:
+        with opened(registry) as reg:
             outcome.registered = reg.register(outcome.bundle_dir, task=task,
                                               source=source or {"kind": "train", "run": str(out)}, data=data).ref
     return outcome
@@ -244,7 +230,7 @@ def evaluate_task(annotations: Path, *, ref: str | None = None, bundle_dir: Path
 
     if ref is not None and bundle_dir is None:
         parse_ref(ref)  # a malformed reference is refused before the registry is opened
-        with _opened(registry) as reg:
+        with opened(registry) as reg:
             bundle = reg.load_bundle(ref)
     elif bundle_dir is not None and ref is None:
         bundle = Bundle.load(bundle_dir)

@@ -53,8 +53,13 @@ def decode_limits(max_pixels: int, max_frames: int, max_seconds: float, max_deco
                         max_decoded_bytes=max_decoded_mb << 20)
 
 
-def fail(message: str) -> None:
+def print_error(message: str) -> None:
+    """One ``error: ...`` line on stderr (the message is text, never rich markup)."""
     err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def fail(message: str) -> None:
+    print_error(message)
     raise typer.Exit(1)
 
 

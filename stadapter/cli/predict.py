@@ -20,7 +20,7 @@ from stadapter.cli.common import (
     VerifyOpt,
     console,
     decode_limits,
-    err_console,
+    print_error,
     user_errors,
 )
 from stadapter.errors import InputError
@@ -71,10 +71,6 @@ def predict(
         print_tables(found.results)
     if found.errors:
         raise typer.Exit(1)
-
-
-def print_error(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
 
 
 def print_tables(results: list[dict[str, Any]]) -> None:

@@ -319,7 +319,7 @@ def import_(directory: Annotated[Path, typer.Argument(help="A bundle directory."
     if directory.is_file():
         raise RegistryError(f"{directory} is a file; `stadapter import` takes a bundle directory (manifest.json, "
                             f"config.json, labels.json, adapter.safetensors, as `stadapter export` writes it)"
-                            + _official_hint())
+                            + OFFICIAL_HINT)
     with _open(db) as reg:
         info = reg.register(directory, task=task, source={"kind": "import", "path": str(directory.resolve())})
     if as_json:
@@ -328,13 +328,7 @@ def import_(directory: Annotated[Path, typer.Argument(help="A bundle directory."
         console.print(f"registered {info.ref}", highlight=False)
 
 
-def _official_hint() -> str:
-    """Where a checkpoint file goes instead, when this CLI has an `import-official` command."""
-    from stadapter.cli.main import app  # loaded already: it registered this command
-
-    if any(c.name == "import-official" for c in app.registered_commands):
-        return "; for a checkpoint file of the official ST-Adapter code (.pth) use `stadapter import-official`"
-    return ""
+OFFICIAL_HINT = "; for a checkpoint file of the official ST-Adapter code (.pth) use `stadapter import-official`"
 
 
 @user_errors

@@ -98,11 +98,16 @@ def set_main_threads(workers: int, local_processes: int = 1) -> int:
     return torch.get_num_threads()
 
 
+def loader_workers(source: ClipSource, workers: int) -> int:
+    """The decode workers a loader of ``source`` uses: none when its clips are cached (the cache lives in this
+    process; worker processes would fill and drop copies of it), else ``workers``."""
+    return 0 if source.cache is not None else workers
+
+
 def make_loader(source: ClipSource, plan: Sequence[Sequence[int]], epoch: int, train: bool, seed: int,
                 workers: int) -> DataLoader[IndexedItem]:
     ds = source.dataset(train=train, epoch=epoch)
-    if source.cache is not None:
-        workers = 0  # the cache lives in this process; worker processes would fill and drop copies of it
+    workers = loader_workers(source, workers)
     return DataLoader(_Indexed(ds, source.samples), batch_sampler=[list(b) for b in plan],
                       collate_fn=collate_indexed, num_workers=workers, persistent_workers=False,
                       worker_init_fn=decode_worker_init if workers else None)

@@ -28,7 +28,7 @@ from stadapter.errors import ConfigError, StadapterError
 from stadapter.fsio import publish_file
 from stadapter.model.video_vit import VideoViT
 from stadapter.training import dist as D
-from stadapter.training.data import ClipSource, IndexedBatch, make_loader, set_main_threads
+from stadapter.training.data import ClipSource, IndexedBatch, loader_workers, make_loader, set_main_threads
 from stadapter.training.evaluate import evaluate
 from stadapter.training.monitor import Monitor
 from stadapter.training.optim import lr_at, make_optimizer, scaled_lr, set_lr
@@ -247,7 +247,7 @@ def run_training(job: TrainJob, model: VideoViT, info: D.DistInfo, resume: bool 
     step = _resume(job, module, opt, scaler, signature, info) if resume else 0
     if resume and step >= sched.total:
         return TrainResult(_final(module), None, step, 0.0, 0, finished_before=True)
-    workers = 0 if job.train_source.cache is not None else cfg.num_workers
+    workers = loader_workers(job.train_source, cfg.num_workers)
     threads_before = torch.get_num_threads()  # restored at the end: a library caller keeps its own setting
     threads = set_main_threads(workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if info.is_main:

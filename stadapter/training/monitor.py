@@ -40,7 +40,7 @@ class Monitor:
     def __init__(self, total: int, done: int, label: str, log: Callable[[str], None], *, enabled: bool = True,
                  progress: bool = True, console: Console | None = None, log_to: tuple[str, ...] = (),
                  out: Path | None = None) -> None:
-        self.total, self.done, self.log, self.enabled = total, done, log, enabled
+        self.total, self.log, self.enabled = total, log, enabled
         self.every = plain_every(total)
         self.start, self.start_step = time.monotonic(), done
         self.bar: _Bar | None = None

@@ -26,7 +26,6 @@ TENSORBOARD_DIR = "tensorboard"
 CURVES = "curves.png"
 CONFUSION = "confusion.png"
 EVENTS_PREFIX = "events.out.tfevents."  # the event files torch.utils.tensorboard writes
-RUN_FILES = (CHECKPOINT, METRICS_LOG, BUNDLE_DIR, TENSORBOARD_DIR, CURVES)
 
 
 def previous_run(out: Path) -> list[str]:
@@ -81,5 +80,5 @@ def _run_paths(out: Path) -> list[Path]:
     return paths
 
 
-__all__ = ["BUNDLE_DIR", "CHECKPOINT", "CONFUSION", "CURVES", "METRICS_LOG", "RUN_FILES", "TENSORBOARD_DIR",
+__all__ = ["BUNDLE_DIR", "CHECKPOINT", "CONFUSION", "CURVES", "METRICS_LOG", "TENSORBOARD_DIR",
            "prepare_run_dir", "previous_run"]
